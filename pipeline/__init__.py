@@ -1,0 +1,3 @@
+"""etpo-pipeline: entropy-regularised token-level policy optimisation for code generation."""
+
+__version__ = "0.1.0"

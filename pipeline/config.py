@@ -1,0 +1,182 @@
+"""params.yaml -> one typed, validated config.
+
+Every setting lives in exactly one dataclass field below, with its allowed range next to it.
+Loading rejects unknown keys, wrong types and out-of-range values with a one-line message that
+names the key (`ConfigError`), which the CLI turns into exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml: the message names the key and what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class CustomTask:
+    """A user's own tabular dataset (CSV or Parquet) with its target column."""
+
+    name: str
+    path: str
+    target: str
+    description: str
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    names: list[str] = field(
+        default_factory=lambda: ["balance-scale", "tic-tac-toe", "breast_cancer", "iris"]
+    )
+    """Built-in tasks to prepare (see `etpo prepare --help` for the list)."""
+    custom: list[CustomTask] = field(default_factory=list)
+    """Extra user datasets; each becomes a task under its `name`."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    format: Literal["completion", "fim"] = "completion"
+    """`completion`: prefix up to the slot; `fim`: the model's fill-in-the-middle tokens."""
+    max_error_chars: int = field(default=600, metadata=_range(50, 20000))
+    """Bound on the error text shown in a reflection prompt."""
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    timeout_s: float = field(default=20.0, metadata=_range(0.1, 3600))
+    """Wall-clock limit per program (build + 5 fits + scoring)."""
+    memory_mb: int = field(default=2048, metadata=_range(64, 1 << 20))
+    """Extra address space a program may map on top of the warm worker's own."""
+    max_processes: int = field(default=64, metadata=_range(1, 4096))
+    """RLIMIT_NPROC for generated code (threads count too)."""
+    max_output_bytes: int = field(default=1 << 16, metadata=_range(1024, 1 << 30))
+    """Largest file (including captured stdout/stderr) a program may write."""
+    workers: int = field(default=0, metadata=_range(0, 256))
+    """Parallel sandboxes; 0 means one per CPU core."""
+    sandbox: Literal["auto", "bwrap", "rlimit"] = "auto"
+    """`auto`: bubblewrap when installed, else the rlimit-only fallback with a warning."""
+    cache: bool = True
+    """Reuse results keyed by hash(body, task, scoring settings)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
+    """Root of every random stream: (seed, iteration, stage)."""
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dicts -> dataclasses)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key)
+        lo, hi = fields[name].metadata.get("range", (None, None))
+        if (lo is not None and converted < lo) or (hi is not None and converted > hi):
+            raise ConfigError(f"{key}: {converted!r} is out of range [{lo}, {hi}]")
+        kwargs[name] = converted
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (e.g. of a custom task) is missing
+        raise ConfigError(f"{prefix or 'params'}: {e}") from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml; raise ConfigError with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    config = _build(Config, data)
+    _check_tasks(config.tasks)
+    return config
+
+
+def _check_tasks(tasks: TasksConfig) -> None:
+    from pipeline.tasks.datasets import BUILTIN_TASKS  # late: datasets imports sklearn
+
+    for i, name in enumerate(tasks.names):
+        if name not in BUILTIN_TASKS:
+            raise ConfigError(
+                f"tasks.names[{i}]: unknown task {name!r}; built-in: {', '.join(BUILTIN_TASKS)}"
+            )
+    seen = set(tasks.names)
+    for i, custom in enumerate(tasks.custom):
+        if custom.name in seen:
+            raise ConfigError(f"tasks.custom[{i}].name: task {custom.name!r} is defined twice")
+        seen.add(custom.name)

@@ -1,0 +1,1 @@
+"""Untrusted-code execution: the harness (runs inside the sandbox) and the executor (host side)."""

@@ -1,0 +1,299 @@
+"""The warm worker that runs inside the sandbox. Standard library, numpy and scikit-learn only.
+
+It imports numpy and scikit-learn once, loads one task, then serves requests (JSON lines on
+stdin/stdout). Each program is scored fold by fold; each fold runs in a forked child that:
+  - drops to an unprivileged uid (when we are root), sets rlimits (CPU, address space, processes,
+    file size), works in a private temp dir, reads /dev/null as stdin;
+  - sees only that fold's x_train, y_train and x_test: never the held-out labels;
+  - sends back predict_proba(x_test) as raw float64 bytes.
+The worker, which never runs generated code, computes ROC-AUC from those probabilities with its
+own scikit-learn. So a program cannot fake its reward by patching sklearn or reading labels.
+After every fold the worker kills every other process in its pid namespace (bubblewrap mode) or
+the child's process group (fallback), so nothing a program starts outlives it.
+
+Run as: python harness.py DATA.npz     (DATA holds arrays x, y)
+"""
+
+import json
+import os
+import random
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+# The modules generated bodies import: imported once here so a fork finds them warm.
+import sklearn.calibration  # noqa: F401
+import sklearn.compose  # noqa: F401
+import sklearn.decomposition  # noqa: F401
+import sklearn.discriminant_analysis  # noqa: F401
+import sklearn.ensemble  # noqa: F401
+import sklearn.feature_selection  # noqa: F401
+import sklearn.gaussian_process  # noqa: F401
+import sklearn.impute  # noqa: F401
+import sklearn.linear_model  # noqa: F401
+import sklearn.model_selection
+import sklearn.naive_bayes  # noqa: F401
+import sklearn.multiclass  # noqa: F401
+import sklearn.neighbors  # noqa: F401
+import sklearn.neural_network  # noqa: F401
+import sklearn.pipeline  # noqa: F401
+import sklearn.preprocessing  # noqa: F401
+import sklearn.svm  # noqa: F401
+import sklearn.tree  # noqa: F401
+from sklearn.metrics import roc_auc_score
+
+N_SPLITS = 5  # shuffled 50/50 splits with seeds 0..4 (DESIGN §2)
+NOBODY = 65534
+BANNED = ("GridSearchCV", "RandomizedSearchCV", "HalvingGridSearchCV", "HalvingRandomSearchCV")
+MAX_ERROR = 4000
+IN_PID_NAMESPACE = os.environ.get("ETPO_SANDBOX_PIDNS") == "1"
+
+
+class Failure(Exception):
+    """A scored failure: carries the status of DESIGN §2."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class _Banned:
+    def __init__(self, *args, **kwargs):
+        raise Failure("banned", f"{type(self).__name__} is not allowed: choose the model yourself")
+
+
+def splits(y):
+    """Train/test index pairs: stratified so every class is on both sides of each split."""
+    index = np.arange(len(y))
+    return [
+        sklearn.model_selection.train_test_split(
+            index, test_size=0.5, shuffle=True, random_state=seed, stratify=y
+        )
+        for seed in range(N_SPLITS)
+    ]
+
+
+def auc(y_test, proba, n_classes):
+    """ROC-AUC of predicted probabilities: binary on column 1, one-vs-one for multiclass."""
+    if n_classes == 2:
+        return float(roc_auc_score(y_test, proba[:, 1]))
+    return float(roc_auc_score(y_test, proba, multi_class="ovo", labels=list(range(n_classes))))
+
+
+def _world_traversable(path):
+    """True if every directory down to `path` lets other users in (o+x)."""
+    path = os.path.abspath(path)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+# An unprivileged child must still import modules that the worker has not imported yet.
+CAN_DROP = os.getuid() == 0 and all(_world_traversable(p) for p in (sys.base_prefix, sys.prefix))
+
+
+def _drop_privileges(workdir):
+    if CAN_DROP:
+        os.chown(workdir, NOBODY, NOBODY)
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+
+def _set_limits(limits, seconds_left):
+    cpu = max(1, int(seconds_left) + 1)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_output_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"],) * 2)
+    with open("/proc/self/statm") as f:  # address space already mapped by the warm worker
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    cap = mapped + limits["memory_mb"] * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _fit_and_predict(source, x_train, y_train, x_test, n_classes):
+    """Runs generated code (in the child only). Returns predict_proba(x_test) as float64."""
+    for name in BANNED:  # also catches getattr tricks that the host's AST check cannot see
+        setattr(sklearn.model_selection, name, type(name, (_Banned,), {}))
+    namespace = {"__name__": "candidate"}
+    try:
+        code = compile(source, "<build_model>", "exec")
+    except (SyntaxError, ValueError) as e:
+        raise Failure("syntax", f"{type(e).__name__}: {e}") from None
+    exec(code, namespace)
+    build_model = namespace.get("build_model")
+    if not callable(build_model):
+        raise Failure("error", "the program defines no build_model function")
+    model = build_model(x_train.copy(), y_train.copy())
+    if model is None:
+        raise Failure("error", "build_model returned None")
+    if not hasattr(model, "predict_proba"):
+        raise Failure("no_proba", f"{type(model).__name__} has no predict_proba")
+    proba = np.asarray(model.predict_proba(x_test.copy()), dtype=np.float64)
+    if proba.shape != (len(x_test), n_classes):
+        raise Failure("error", f"predict_proba returned shape {proba.shape}, "
+                               f"expected {(len(x_test), n_classes)}")
+    return proba
+
+
+def _child(write_fd, source, fold, limits, seconds_left, n_classes):
+    """Entry of the forked child; never returns."""
+    header, payload = {"status": "error", "error": "unknown"}, b""
+    try:
+        os.setsid()
+        workdir = tempfile.mkdtemp(prefix="run-")
+        os.chdir(workdir)
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        output = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(stdin, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
+        _drop_privileges(workdir)
+        _set_limits(limits, seconds_left)
+        random.seed(0)  # estimators without random_state still give the same score every time
+        np.random.seed(0)
+        proba = _fit_and_predict(source, *fold, n_classes)
+        header, payload = {"status": "ok", "rows": proba.shape[0]}, proba.tobytes()
+    except Failure as e:
+        header = {"status": e.status, "error": str(e)[-MAX_ERROR:]}
+    except MemoryError:
+        header = {"status": "memory", "error": "MemoryError: the program exceeded its memory limit"}
+    except BaseException:  # generated code may raise anything, SystemExit included
+        header = {"status": "error", "error": traceback.format_exc()[-MAX_ERROR:]}
+    try:
+        data = json.dumps(header).encode()
+        os.write(write_fd, struct.pack("<II", len(data), len(payload)) + data)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(write_fd, view):]
+    finally:
+        os._exit(0)
+
+
+def _read_all(fd, deadline, limit):
+    """Read until EOF, the deadline, or `limit` bytes. Returns (bytes, timed_out)."""
+    chunks, size = [], 0
+    while size <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), True
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), False
+
+
+def _reap(pid):
+    """Kill the child and everything it started; collect its exit status."""
+    if IN_PID_NAMESPACE:
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process in our namespace but init and us
+        except ProcessLookupError:
+            pass
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _, status = os.waitpid(pid, 0)
+    if IN_PID_NAMESPACE:  # reap the orphans re-parented to us, if any
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    break
+            except ChildProcessError:
+                break
+    return status
+
+
+def _run_fold(source, fold, limits, deadline, n_classes):
+    """One fold in a fresh child: (status, error, proba or None)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _child(write_fd, source, fold, limits, deadline - time.monotonic(), n_classes)
+    os.close(write_fd)
+    n_test = len(fold[2])
+    raw, timed_out = _read_all(read_fd, deadline, 8 + 2 * MAX_ERROR + n_test * n_classes * 8 + 4096)
+    os.close(read_fd)
+    status = _reap(pid)
+    if timed_out or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
+        return "timeout", f"exceeded the time limit of {limits['timeout_s']} s", None
+    if len(raw) < 8:
+        if os.WIFSIGNALED(status):
+            kind = "memory" if os.WTERMSIG(status) == signal.SIGKILL else "error"
+            return kind, f"killed by signal {os.WTERMSIG(status)}", None
+        return "error", f"exited with code {os.WEXITSTATUS(status)} before reporting", None
+    header_len, payload_len = struct.unpack("<II", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    if header["status"] != "ok":
+        return header["status"], header["error"], None
+    payload = raw[8 + header_len : 8 + header_len + payload_len]
+    proba = np.frombuffer(payload, dtype=np.float64)
+    if proba.size != n_test * n_classes:
+        return "error", "the program's result was cut short", None
+    return "ok", "", proba.reshape(n_test, n_classes)
+
+
+def score(source, x, y, limits):
+    """The reward of DESIGN §2 for one program: dict(status, reward, score_std, error)."""
+    n_classes = int(y.max()) + 1
+    deadline = time.monotonic() + limits["timeout_s"]
+    scores = []
+    for train, test in splits(y):
+        fold = (x[train], y[train], x[test])
+        status, error, proba = _run_fold(source, fold, limits, deadline, n_classes)
+        if status == "ok":
+            if not np.all(np.isfinite(proba)):
+                status, error = "error", "predict_proba returned NaN or infinity"
+            else:
+                try:
+                    scores.append(auc(y[test], proba, n_classes))
+                except ValueError as e:
+                    status, error = "error", f"scoring predict_proba failed: {e}"
+        if status != "ok":
+            return {"status": status, "reward": -1.0, "score_std": 0.0, "error": error}
+    return {"status": "ok", "reward": float(np.mean(scores)),
+            "score_std": float(np.std(scores)), "error": ""}
+
+
+def serve(data_path):
+    with np.load(data_path) as data:
+        x, y = data["x"], data["y"]
+    tempfile.tempdir = os.environ.get("ETPO_SANDBOX_TMP") or tempfile.gettempdir()
+    out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        started = time.perf_counter()
+        result = score(request["source"], x, y, request["limits"])
+        result["seconds"] = time.perf_counter() - started
+        for leftover in os.listdir(tempfile.tempdir):
+            if leftover.startswith("run-"):
+                shutil.rmtree(os.path.join(tempfile.tempdir, leftover), ignore_errors=True)
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

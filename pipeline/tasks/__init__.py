@@ -1,0 +1,1 @@
+"""Task datasets, prompt templates and episode logic of the code-generation environment."""
