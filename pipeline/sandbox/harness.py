@@ -40,8 +40,8 @@ import sklearn.gaussian_process  # noqa: F401
 import sklearn.impute  # noqa: F401
 import sklearn.linear_model  # noqa: F401
 import sklearn.model_selection
-import sklearn.naive_bayes  # noqa: F401
 import sklearn.multiclass  # noqa: F401
+import sklearn.naive_bayes  # noqa: F401
 import sklearn.neighbors  # noqa: F401
 import sklearn.neural_network  # noqa: F401
 import sklearn.pipeline  # noqa: F401
@@ -183,45 +183,54 @@ def _child(write_fd, source, fold, limits, seconds_left, n_classes):
         os._exit(0)
 
 
-def _read_all(fd, deadline, limit):
-    """Read until EOF, the deadline, or `limit` bytes. Returns (bytes, timed_out)."""
-    chunks, size = [], 0
-    while size <= limit:
+def _read_message(fd, deadline):
+    """Read one length-prefixed message (header, payload); stop at EOF or the deadline.
+
+    Stops as soon as a whole message is in, since a program's own children may hold the pipe
+    open. Returns (header dict or None, payload bytes, timed_out).
+    """
+    raw, need = b"", 8
+    while len(raw) < need:
         left = deadline - time.monotonic()
         if left <= 0:
-            return b"".join(chunks), True
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+            return None, b"", True
+        if not select.select([fd], [], [], left)[0]:
             continue
-        chunk = os.read(fd, 1 << 20)
+        chunk = os.read(fd, min(need - len(raw), 1 << 20))
         if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks), False
+            return None, b"", False
+        raw += chunk
+        if len(raw) == 8 and need == 8:
+            header_len, payload_len = struct.unpack("<II", raw)
+            need = 8 + header_len + payload_len
+    header_len = struct.unpack("<I", raw[:4])[0]
+    return json.loads(raw[8 : 8 + header_len]), raw[8 + header_len :], False
 
 
 def _reap(pid):
-    """Kill the child and everything it started; collect its exit status."""
+    """Kill the child and everything it started; return the child's exit status.
+
+    In our own pid namespace kill(-1) reaches every process but init and us, so we repeat it
+    until none is left (ESRCH): a fork bomb or a daemonised grandchild cannot outlive its program.
+    """
+    status = None
     if IN_PID_NAMESPACE:
-        try:
-            os.kill(-1, signal.SIGKILL)  # every process in our namespace but init and us
-        except ProcessLookupError:
-            pass
+        give_up = time.monotonic() + 5
+        while time.monotonic() < give_up:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            if status is None:
+                done, exit_status = os.waitpid(pid, os.WNOHANG)
+                status = exit_status if done else None
+            time.sleep(0.0005)
     else:
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    _, status = os.waitpid(pid, 0)
-    if IN_PID_NAMESPACE:  # reap the orphans re-parented to us, if any
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                    break
-            except ChildProcessError:
-                break
-    return status
+    return os.waitpid(pid, 0)[1] if status is None else status
 
 
 def _run_fold(source, fold, limits, deadline, n_classes):
@@ -233,21 +242,18 @@ def _run_fold(source, fold, limits, deadline, n_classes):
         _child(write_fd, source, fold, limits, deadline - time.monotonic(), n_classes)
     os.close(write_fd)
     n_test = len(fold[2])
-    raw, timed_out = _read_all(read_fd, deadline, 8 + 2 * MAX_ERROR + n_test * n_classes * 8 + 4096)
+    header, payload, timed_out = _read_message(read_fd, deadline)
     os.close(read_fd)
     status = _reap(pid)
     if timed_out or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
         return "timeout", f"exceeded the time limit of {limits['timeout_s']} s", None
-    if len(raw) < 8:
+    if header is None:
         if os.WIFSIGNALED(status):
             kind = "memory" if os.WTERMSIG(status) == signal.SIGKILL else "error"
             return kind, f"killed by signal {os.WTERMSIG(status)}", None
         return "error", f"exited with code {os.WEXITSTATUS(status)} before reporting", None
-    header_len, payload_len = struct.unpack("<II", raw[:8])
-    header = json.loads(raw[8 : 8 + header_len])
     if header["status"] != "ok":
         return header["status"], header["error"], None
-    payload = raw[8 + header_len : 8 + header_len + payload_len]
     proba = np.frombuffer(payload, dtype=np.float64)
     if proba.size != n_test * n_classes:
         return "error", "the program's result was cut short", None

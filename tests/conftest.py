@@ -1,0 +1,26 @@
+"""Shared fixtures: prepared tasks and a warm executor (session-scoped: workers are processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ExecutorConfig
+from pipeline.sandbox.executor import Executor
+from pipeline.tasks.datasets import build_tasks, save_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tasks")
+    save_tasks(build_tasks(["balance-scale", "iris", "tic-tac-toe"], []), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def executor(tasks_dir: Path):
+    with Executor(tasks_dir, ExecutorConfig(timeout_s=4.0, workers=2)) as ex:
+        yield ex

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_load():
+    config = load_config(REPO / "params.yaml")
+    assert "balance-scale" in config.tasks.names
+    assert config.executor.timeout_s > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("executor: {timeot_s: 1}", "unknown key executor.timeot_s"),
+        ("bogus: 1", "unknown key bogus"),
+        ("executor: {timeout_s: abc}", "executor.timeout_s: expected a number"),
+        ("executor: {workers: 1.5}", "executor.workers: expected an integer"),
+        ("executor: {cache: 1}", "executor.cache: expected bool"),
+        ("executor: {timeout_s: -1}", "executor.timeout_s: -1.0 is out of range"),
+        ("executor: {sandbox: docker}", "executor.sandbox: 'docker' is not allowed"),
+        ("tasks: {names: [nope]}", "tasks.names[0]: unknown task 'nope'"),
+        ("tasks: {custom: [{name: a, path: b.csv}]}", "tasks.custom[0]"),
+        ("executor: [1, 2]", "executor: expected a mapping"),
+        ("seed: [", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_bad_params_is_one_line_exit_2(tmp_path):
+    params = write(tmp_path, "executor: {memory_mb: 1}")
+    result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == ["error: executor.memory_mb: 1 is out of range [64, 1048576]"]
+
+
+def test_cli_missing_params_file(tmp_path):
+    result = CliRunner().invoke(app, ["prepare", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "no such params file" in result.output

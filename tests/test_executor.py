@@ -1,0 +1,184 @@
+"""The executor scores exactly as DESIGN §2 and contains hostile programs."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from pipeline.config import ExecutorConfig
+from pipeline.sandbox.executor import Executor, bwrap_available
+from pipeline.tasks.datasets import load_task
+from pipeline.tasks.prompts import program, state_source
+from tests.conftest import REPO
+
+LOGISTIC = ("    from sklearn.linear_model import LogisticRegression\n"
+            "    model = LogisticRegression(max_iter=1000).fit(x_train, y_train)")
+FOREST = ("    from sklearn.ensemble import RandomForestClassifier\n"
+          "    model = RandomForestClassifier(n_estimators=20, random_state=0).fit(x_train, y_train)")
+
+
+def source_for(tasks_dir: Path, task: str, body: str) -> str:
+    loaded = load_task(tasks_dir, task)
+    return program(state_source(loaded.description, loaded.x.shape), body)
+
+
+def direct_reward(x, y, make_model) -> tuple[float, float]:
+    """DESIGN §2 written out with scikit-learn: 5 shuffled stratified 50/50 splits, seeds 0..4."""
+    scores = []
+    for seed in range(5):
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            x, y, test_size=0.5, shuffle=True, random_state=seed, stratify=y)
+        proba = make_model().fit(x_tr, y_tr).predict_proba(x_te)
+        if proba.shape[1] == 2:
+            scores.append(roc_auc_score(y_te, proba[:, 1]))
+        else:
+            scores.append(roc_auc_score(y_te, proba, multi_class="ovo"))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize(
+    ("task", "body", "make_model"),
+    [
+        ("tic-tac-toe", LOGISTIC, lambda: LogisticRegression(max_iter=1000)),
+        ("balance-scale", FOREST, lambda: RandomForestClassifier(n_estimators=20, random_state=0)),
+        ("iris", LOGISTIC, lambda: LogisticRegression(max_iter=1000)),
+    ],
+)
+def test_reward_equals_direct_sklearn(executor, tasks_dir, task, body, make_model):
+    loaded = load_task(tasks_dir, task)
+    result = executor.run(task, source_for(tasks_dir, task, body))
+    assert result.status == "ok", result.error
+    expected_mean, expected_std = direct_reward(loaded.x, loaded.y, make_model)
+    assert result.reward == pytest.approx(expected_mean, abs=1e-12)
+    assert result.score_std == pytest.approx(expected_std, abs=1e-12)
+
+
+FAILURES = {
+    "syntax": "    model = (",
+    "error": "    model = undefined_name",
+    "timeout": "    while True:\n        pass",
+    "memory": "    hog = bytearray(64 * 2**30)",
+    "banned": ("    from sklearn.model_selection import GridSearchCV\n"
+               "    from sklearn.svm import SVC\n"
+               "    model = GridSearchCV(SVC(), {'C': [1]}).fit(x_train, y_train)"),
+    "no_proba": ("    from sklearn.svm import LinearSVC\n"
+                 "    model = LinearSVC().fit(x_train, y_train)"),
+}
+
+
+@pytest.mark.parametrize("status", sorted(FAILURES))
+def test_each_failure_status_from_a_real_program(executor, tasks_dir, status):
+    result = executor.run("iris", source_for(tasks_dir, "iris", FAILURES[status]))
+    assert (result.status, result.reward) == (status, -1.0), result.error
+    assert result.error
+
+
+def test_banned_through_getattr_is_caught_inside_the_sandbox(executor, tasks_dir):
+    body = ("    import sklearn.model_selection as ms\n    from sklearn.svm import SVC\n"
+            "    model = getattr(ms, 'Grid' + 'SearchCV')(SVC(), {'C': [1]}).fit(x_train, y_train)")
+    result = executor.run("iris", source_for(tasks_dir, "iris", body))
+    assert result.status == "banned"
+
+
+HOSTILE = {
+    "fork_bomb": "    import os\n    while True:\n        os.fork()",
+    "huge_output": "    while True:\n        print('x' * 100000)",
+    "kill_parent": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    model = None",
+    "os_exit": "    import os\n    os._exit(0)",
+    "read_stdin": "    model = input()",
+    "network": ("    import socket\n    s = socket.socket()\n    s.settimeout(1)\n"
+                "    s.connect(('93.184.216.34', 80))"),
+    "daemon": ("    import os, time\n    if os.fork() == 0:\n        os.setsid()\n"
+               "        time.sleep(1000)\n    model = None"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_programs_are_contained(executor, tasks_dir, name):
+    result = executor.run("iris", source_for(tasks_dir, "iris", HOSTILE[name]))
+    assert result.reward == -1.0 and result.status in ("error", "timeout"), result
+    # the pool still scores an honest program correctly afterwards
+    after = executor.run("iris", source_for(tasks_dir, "iris", LOGISTIC + "\n    x = 1"))
+    assert after.status == "ok" and after.reward > 0.9
+
+
+def test_file_system_is_out_of_reach(executor, tasks_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    secret.chmod(0o644)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    bodies = {
+        "read": f"    model = open({str(secret)!r}).read()",
+        "read_repo": f"    model = open({str(REPO / 'params.yaml')!r}).read()",
+        "delete": f"    import os\n    os.remove({str(victim)!r})",
+        "write": f"    open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
+    }
+    for name, body in bodies.items():
+        result = executor.run("iris", source_for(tasks_dir, "iris", body))
+        assert result.status == "error", (name, result)
+        if bwrap_available():
+            assert "Error" in result.error and "No such file" in result.error or \
+                "Permission denied" in result.error, (name, result.error)
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "new.txt").exists()
+
+
+@pytest.mark.skipif(not bwrap_available(), reason="needs bubblewrap")
+def test_nothing_outlives_a_program(executor, tasks_dir):
+    executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["daemon"]))
+    executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["fork_bomb"]))
+    leftovers = subprocess.run(["pgrep", "-u", "65534"], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
+
+
+def test_cache_hit_is_identical(tasks_dir, tmp_path):
+    config = ExecutorConfig(timeout_s=4.0, workers=1)
+    source = source_for(tasks_dir, "balance-scale", FOREST)
+    with Executor(tasks_dir, config, tmp_path / "cache") as ex:
+        first = ex.run("balance-scale", source)
+    with Executor(tasks_dir, config, tmp_path / "cache") as ex:
+        second = ex.run("balance-scale", source)
+    assert not first.cached and second.cached
+    assert (second.status, second.reward, second.score_std) == (
+        first.status, first.reward, first.score_std)
+
+
+def test_run_many_keeps_job_order(executor, tasks_dir):
+    jobs = [("iris", source_for(tasks_dir, "iris", FAILURES["error"])),
+            ("balance-scale", source_for(tasks_dir, "balance-scale", FOREST)),
+            ("iris", source_for(tasks_dir, "iris", FAILURES["syntax"]))]
+    statuses = [r.status for r in executor.run_many(jobs)]
+    assert statuses == ["error", "ok", "syntax"]
+
+
+def test_rlimit_fallback_contains_the_basics(tasks_dir):
+    with Executor(tasks_dir, ExecutorConfig(timeout_s=2.0, workers=1, sandbox="rlimit")) as ex:
+        for status in ("timeout", "memory", "syntax"):
+            result = ex.run("iris", source_for(tasks_dir, "iris", FAILURES[status]))
+            assert result.status == status
+        assert ex.run("iris", source_for(tasks_dir, "iris", HOSTILE["os_exit"])).status == "error"
+        assert ex.run("iris", source_for(tasks_dir, "iris", LOGISTIC)).status == "ok"
+
+
+def test_try_command_prints_one_json_object(tasks_dir, tmp_path):
+    body = tmp_path / "body.py"
+    body.write_text("from sklearn.naive_bayes import GaussianNB\n"
+                    "model = GaussianNB().fit(x_train, y_train)\n")
+    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    for file, stdin in ((str(body), None), ("-", body.read_text())):
+        done = subprocess.run(
+            ["etpo", "try", "--task", "iris", "--tasks-dir", str(tasks_dir),
+             "--params", str(REPO / "params.yaml"), file],
+            input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert set(result) == {"status", "reward", "score_std", "seconds", "error"}
+        assert result["status"] == "ok" and result["reward"] > 0.9
