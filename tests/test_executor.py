@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -135,8 +136,12 @@ def test_file_system_is_out_of_reach(executor, tasks_dir, tmp_path):
 def test_nothing_outlives_a_program(executor, tasks_dir):
     executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["daemon"]))
     executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["fork_bomb"]))
-    leftovers = subprocess.run(["pgrep", "-u", "65534"], capture_output=True, text=True).stdout
-    assert leftovers.strip() == ""
+    descendants = [child for worker in executor._all
+                   for child in psutil.Process(worker.process.pid).children(recursive=True)]
+    assert descendants, "the workers should be running"
+    # each worker is bwrap (init) + the harness; a surviving daemon is a forked harness too
+    harnesses = [p for p in descendants if p.name() != "bwrap"]
+    assert len(harnesses) == len(executor._all), [p.as_dict(["pid", "ppid", "uids"]) for p in harnesses]
 
 
 def test_cache_hit_is_identical(tasks_dir, tmp_path):

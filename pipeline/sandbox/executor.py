@@ -101,10 +101,12 @@ class Worker:
         else:
             env["ETPO_SANDBOX_TMP"] = str(self.scratch)
             command = [sys.executable, "-I", str(HARNESS_PATH), str(data_path)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, cwd=self.scratch, start_new_session=True,
-        )
+        self.log = self.scratch / "worker.log"  # the harness's own stderr, for diagnosis
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                env=env, cwd=self.scratch, start_new_session=True,
+            )
         self._buffer = b""
         reply = self._readline(time.monotonic() + START_TIMEOUT_S)
         if not reply or not json.loads(reply).get("ready"):
@@ -135,11 +137,16 @@ class Worker:
         except (BrokenPipeError, OSError):
             reply = None
         if reply is None:
+            why = self.last_words()
             self.close()
-            return failure("error", "the sandbox worker died", time.perf_counter() - started)
+            return failure("error", f"the sandbox worker died{why}", time.perf_counter() - started)
         data = json.loads(reply)
         return ExecResult(data["status"], data["reward"], data["score_std"],
                           time.perf_counter() - started, data["error"])
+
+    def last_words(self) -> str:
+        lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+        return f": {lines[-1]}" if lines else ""
 
     @property
     def alive(self) -> bool:
@@ -201,6 +208,9 @@ class Executor:
         self._data: dict[str, tuple[Path, str]] = {}  # task -> (npz path, content hash)
         self._all: list[Worker] = []
         self._lock = threading.Lock()
+        # Long-lived threads: bwrap --die-with-parent kills a worker when the *thread* that
+        # started it exits, so workers must not be spawned from short-lived pool threads.
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="etpo-exec")
 
     @property
     def limits(self) -> dict:
@@ -238,6 +248,9 @@ class Executor:
 
     def run(self, task: str, source: str) -> ExecResult:
         """Score one complete program (template with the body filled in) on one task."""
+        return self._pool.submit(self._run, task, source).result()
+
+    def _run(self, task: str, source: str) -> ExecResult:
         found = static_check(source)
         if found:
             return found
@@ -258,15 +271,15 @@ class Executor:
         """Score (task, source) pairs in parallel; results come back in the order of `jobs`."""
 
         def one(job: tuple[str, str]) -> ExecResult:
-            result = self.run(*job)
+            result = self._run(*job)
             if on_done:
                 on_done(result)
             return result
 
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(one, jobs))
+        return list(self._pool.map(one, jobs))
 
     def close(self) -> None:
+        self._pool.shutdown()
         for worker in self._all:
             worker.close()
         self._all.clear()
