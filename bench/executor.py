@@ -28,18 +28,19 @@ from pipeline.tasks.datasets import build_tasks, save_tasks
 from pipeline.tasks.prompts import program, state_source
 
 TASK = "balance-scale"
-FAMILIES = [
-    ("sklearn.linear_model", "LogisticRegression", ["C={}, max_iter=500"], [0.1, 0.3, 1.0, 3.0, 10.0]),
-    ("sklearn.ensemble", "RandomForestClassifier", ["n_estimators={}, random_state=0"], [10, 20, 30, 40, 50]),
-    ("sklearn.ensemble", "ExtraTreesClassifier", ["n_estimators={}, random_state=0"], [10, 20, 30, 40, 50]),
-    ("sklearn.tree", "DecisionTreeClassifier", ["max_depth={}, random_state=0"], [2, 4, 6, 8, 10]),
-    ("sklearn.neighbors", "KNeighborsClassifier", ["n_neighbors={}"], [3, 5, 7, 9, 11]),
-    ("sklearn.naive_bayes", "GaussianNB", ["var_smoothing={}"], [1e-9, 1e-8, 1e-7, 1e-6, 1e-5]),
-    ("sklearn.svm", "SVC", ["C={}, probability=True, random_state=0"], [0.5, 1.0, 2.0, 4.0, 8.0]),
-    ("sklearn.neural_network", "MLPClassifier", ["hidden_layer_sizes=({},), max_iter=200, random_state=0"],
-     [8, 16, 24, 32, 48]),
-    ("sklearn.ensemble", "GradientBoostingClassifier", ["n_estimators={}, random_state=0"], [10, 20, 30, 40, 50]),
-    ("sklearn.discriminant_analysis", "LinearDiscriminantAnalysis", ["tol={}"], [1e-4, 1e-3, 1e-2, 1e-5, 1e-6]),
+FAMILIES = [  # (module, estimator, arguments with {} for the varied value, five values)
+    ("sklearn.linear_model", "LogisticRegression", "C={}, max_iter=500", [0.1, 0.3, 1, 3, 10]),
+    ("sklearn.ensemble", "RandomForestClassifier", "n_estimators={}, random_state=0", [10, 20, 30, 40, 50]),
+    ("sklearn.ensemble", "ExtraTreesClassifier", "n_estimators={}, random_state=0", [10, 20, 30, 40, 50]),
+    ("sklearn.tree", "DecisionTreeClassifier", "max_depth={}, random_state=0", [2, 4, 6, 8, 10]),
+    ("sklearn.neighbors", "KNeighborsClassifier", "n_neighbors={}", [3, 5, 7, 9, 11]),
+    ("sklearn.naive_bayes", "GaussianNB", "var_smoothing={}", [1e-9, 1e-8, 1e-7, 1e-6, 1e-5]),
+    ("sklearn.svm", "SVC", "C={}, probability=True, random_state=0", [0.5, 1, 2, 4, 8]),
+    ("sklearn.neural_network", "MLPClassifier",
+     "hidden_layer_sizes=({},), random_state=0", [8, 16, 24, 32, 40]),
+    ("sklearn.ensemble", "GradientBoostingClassifier",
+     "n_estimators={}, random_state=0", [10, 20, 30, 40, 50]),
+    ("sklearn.discriminant_analysis", "LinearDiscriminantAnalysis", "tol={}", [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),
 ]
 
 COLD_SCRIPT = """
@@ -63,7 +64,7 @@ print(json.dumps(float(np.mean(scores))))
 
 def bodies() -> list[str]:
     out = []
-    for module, name, (args,), values in FAMILIES:
+    for module, name, args, values in FAMILIES:
         for v in values:
             out.append(f"    from {module} import {name}\n"
                        f"    model = {name}({args.format(v)}).fit(x_train, y_train)")

