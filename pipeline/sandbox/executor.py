@@ -110,8 +110,9 @@ class Worker:
         self._buffer = b""
         reply = self._readline(time.monotonic() + START_TIMEOUT_S)
         if not reply or not json.loads(reply).get("ready"):
+            why = self.last_words()
             self.close()
-            raise RuntimeError("the sandbox worker failed to start (is scikit-learn installed?)")
+            raise RuntimeError(f"the sandbox worker failed to start{why}")
 
     def _readline(self, deadline: float) -> bytes | None:
         fd = self.process.stdout.fileno()
@@ -168,6 +169,8 @@ def _bwrap_command(data_path: Path, env: dict[str, str]) -> list[str]:
                "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if not as_root:  # unprivileged bwrap needs a user namespace; as root the child drops to nobody
         command.append("--unshare-user")
+    # /tmp first: a later mount inside it (a venv under /tmp, say) must not be covered by it
+    command += ["--perms", "1777", "--tmpfs", "/tmp"]
     binds = [p for p in ("/usr", "/lib", "/lib64", "/bin", sys.base_prefix, sys.prefix)
              if os.path.exists(p)]
     parents = sorted({str(a) for p in binds for a in Path(p).parents if str(a) != "/"})
@@ -177,8 +180,7 @@ def _bwrap_command(data_path: Path, env: dict[str, str]) -> list[str]:
         command += ["--ro-bind", path, path]
     command += ["--ro-bind", str(HARNESS_PATH), "/sandbox/harness.py",
                 "--ro-bind", str(data_path), "/task/data.npz",
-                "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-                "--chdir", "/tmp", "--clearenv"]
+                "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
     for key, value in env.items():
         command += ["--setenv", key, value]
     return command + [sys.executable, "-I", "/sandbox/harness.py", "/task/data.npz"]

@@ -1,0 +1,59 @@
+"""One frozen base, three named LoRA adapters (peft): `policy`, `critic`, `target`.
+
+The reference policy rho is the base with adapters disabled (`reference(model)`). LoRA's B matrix
+starts at zero, so every adapter starts as the identity: the policy equals rho, and the residual
+critic Q = beta * (z_critic - z_rho) is exactly zero, as DESIGN §1 requires.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from pipeline.config import LoraConfig
+
+ADAPTERS = ("policy", "critic", "target")
+
+
+def lora_config(config: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapters(base: PreTrainedModel, config: LoraConfig) -> PeftModel:
+    """Fresh adapters on `base` (whose own weights are frozen by peft)."""
+    model = get_peft_model(base, lora_config(config), adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        model.add_adapter(name, lora_config(config))
+    model.set_adapter("policy")
+    return model
+
+
+def save_adapters(model: PeftModel, out: str | Path) -> None:
+    """Each adapter in its own folder under `out` (peft layout: out/<name>/adapter_*.safetensors)."""
+    model.save_pretrained(str(out), selected_adapters=list(ADAPTERS))
+
+
+def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool = False) -> PeftModel:
+    """The adapters saved by `save_adapters`, on `base`."""
+    directory = Path(directory)
+    missing = [n for n in ADAPTERS if not (directory / n / "adapter_config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: adapter {missing[0]!r} is missing")
+    model = PeftModel.from_pretrained(base, directory / ADAPTERS[0], adapter_name=ADAPTERS[0],
+                                      is_trainable=trainable)
+    for name in ADAPTERS[1:]:
+        model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
+    model.set_adapter("policy")
+    return model
+
+
+def reference(model: PeftModel) -> AbstractContextManager:
+    """`with reference(model): ...` runs the base model: the reference policy rho."""
+    return model.disable_adapter()
