@@ -12,11 +12,13 @@ import textwrap
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import ModelError
+from pipeline.io import TrajectoryError
 from pipeline.tasks.datasets import DatasetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -42,7 +44,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DatasetError, UsageError) as e:
+        except (ConfigError, DatasetError, ModelError, TrajectoryError, UsageError) as e:
             fail(str(e))
 
     return run
@@ -99,6 +101,101 @@ def try_body(
     typer.echo(json.dumps({"status": result.status, "reward": result.reward,
                            "score_std": result.score_std, "seconds": round(result.seconds, 4),
                            "error": result.error}))
+
+
+@app.command()
+@friendly
+def bootstrap(
+    out: Annotated[Path, typer.Option(help="Where the base model goes.")] = Path("data/models/base"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Materialise the base model (embedded SmolLM2, a local path, or the tiny preset) as safetensors."""
+    from pipeline.stages import bootstrap as stage
+
+    model_id = stage.run(load_config(params), out)
+    typer.echo(f"bootstrap: {model_id} -> {out}")
+
+
+@app.command()
+@friendly
+def sample(
+    iteration: Annotated[int, typer.Option(min=1, help="The iteration k being sampled.")],
+    out: Annotated[Path, typer.Option(help="The trajectories file to write.")],
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    base: Annotated[Path, typer.Option(help="The base model directory.")] = Path("data/models/base"),
+    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    previous: Annotated[Optional[Path], typer.Option(help="Executed trajectories of k-1.")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Sample one action for every open state (fresh episodes + unfinished ones of k-1)."""
+    from pipeline.stages import sample as stage
+
+    count = stage.run(load_config(params), iteration, tasks_dir, base, out, adapters, previous)
+    typer.echo(f"sample@{iteration}: {count} actions -> {out}")
+
+
+@app.command()
+@friendly
+def execute(
+    trajectories: Annotated[Path, typer.Argument(help="Sampled trajectories.")],
+    out: Annotated[Path, typer.Option(help="The executed trajectories file to write.")],
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Score every sampled body in the sandbox; add rewards, statuses and next states."""
+    from pipeline.stages import execute as stage
+
+    config = load_config(params)
+    rows = stage.run(config, trajectories, tasks_dir, out, EXEC_CACHE if config.executor.cache else None)
+    ok = sum(r["status"] == "ok" for r in rows)
+    typer.echo(f"execute: {ok}/{len(rows)} ran -> {out}")
+
+
+@app.command()
+@friendly
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A trajectories Parquet file.")],
+    rows: Annotated[int, typer.Option(help="How many rows to show.")] = 10,
+) -> None:
+    """Show a trajectory file as a table, with summary statistics."""
+    import polars as pl
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.io import SCHEMAS, read_trajectories, trajectory_metadata
+
+    kind = next(k for k in ("targets", "executed", "sampled") if _has_columns(file, SCHEMAS[k].names))
+    table = read_trajectories(file, kind)
+    frame = pl.from_arrow(table).with_columns(tokens=pl.col("completion_ids").list.len())
+    meta = trajectory_metadata(table)
+    console = Console()
+    console.print(f"[bold]{file}[/]  {frame.height} actions  stage: {kind}  model: {meta.get('model_id')}")
+    columns = ("episode_id", "step", "task", "tokens", "truncated", "status", "reward")
+    shown = [c for c in columns if c in frame.columns]
+    view = Table(*shown, "completion")
+    for row in frame.head(rows).iter_rows(named=True):
+        first = next((line.strip() for line in row["completion"].splitlines() if line.strip()), "")
+        cells = (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in shown)
+        view.add_row(*cells, first[:60])
+    console.print(view)
+    by = ["task"]
+    stats = [pl.len().alias("actions"), pl.col("tokens").mean().alias("mean tokens")]
+    if "reward" in frame.columns:
+        stats += [(pl.col("status") == "ok").mean().alias("ran"),
+                  pl.col("reward").mean().alias("mean reward"), pl.col("reward").max().alias("best")]
+    console.print(frame.group_by(by).agg(stats).sort(by))
+
+
+def _has_columns(file: Path, names: list[str]) -> bool:
+    import pyarrow.parquet as pq
+
+    if not file.exists():
+        raise TrajectoryError(f"{file}: no such trajectory file")
+    try:
+        present = set(pq.read_schema(file).names)
+    except Exception as e:
+        raise TrajectoryError(f"{file}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    return set(names) <= present
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class PromptConfig:
     """`completion`: prefix up to the slot; `fim`: the model's fill-in-the-middle tokens."""
     max_error_chars: int = field(default=600, metadata=_range(50, 20000))
     """Bound on the error text shown in a reflection prompt."""
+    max_steps: int = field(default=5, metadata=_range(1, 100))
+    """Steps per episode: a failed body gets a reflection prompt until this many tries."""
 
 
 @dataclass(frozen=True)

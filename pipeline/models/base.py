@@ -28,10 +28,7 @@ from transformers import (  # noqa: E402
 )
 
 from pipeline.config import ModelConfig  # noqa: E402
-
-
-class ModelError(ValueError):
-    """A missing or unusable model: the message says which and why."""
+from pipeline.errors import ModelError  # noqa: E402
 
 
 def embedded_gguf() -> Path:
@@ -78,7 +75,8 @@ def materialise(config: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTra
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             except (OSError, ValueError) as e:
-                raise ModelError(f"model.path: {path} is not a causal LM ({str(e).splitlines()[0]})") from None
+                reason = str(e).splitlines()[0]
+                raise ModelError(f"model.path: {path} is not a causal LM ({reason})") from None
         return model, tokenizer, str(path)
     gguf = embedded_gguf()
     if config.preset == "smollm2":

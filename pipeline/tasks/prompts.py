@@ -98,6 +98,11 @@ def fim_prompt(source: str, fim: FimTokens) -> str:
     return f"{fim.prefix}{prefix}{fim.suffix}{suffix}{fim.middle}"
 
 
+def render(source: str, fim: FimTokens | None) -> str:
+    """What the model sees of a state: the completion prefix, or the FIM prompt given its tokens."""
+    return completion_prompt(source) if fim is None else fim_prompt(source, fim)
+
+
 def cut_body(text: str) -> tuple[str, bool]:
     """Apply the stop rule to generated text: (body, stopped).
 

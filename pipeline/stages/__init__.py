@@ -1,0 +1,1 @@
+"""Thin stage wrappers: read inputs, call the library, write outputs atomically."""

@@ -1,0 +1,54 @@
+"""sample@k: the open episodes' states -> one sampled action each -> trajectories (DESIGN §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.progress import Progress
+
+from pipeline.config import Config
+from pipeline.io import read_trajectories, write_trajectories
+from pipeline.models.adapters import load_adapters
+from pipeline.models.base import load_base
+from pipeline.models.generate import sample, stream_seed
+from pipeline.stages.common import artifact_metadata
+from pipeline.tasks.datasets import load_task
+from pipeline.tasks.episodes import continuing_states, fresh_states
+from pipeline.tasks.prompts import find_fim_tokens, render
+
+
+def run(config: Config, iteration: int, tasks_dir: Path, base_dir: Path, out: Path,
+        adapters: Path | None = None, previous: Path | None = None) -> int:
+    """Write `out`; returns the number of actions sampled."""
+    tasks = [load_task(tasks_dir, name) for name in _task_names(config)]
+    states = fresh_states(tasks, iteration, config.sampling.samples_per_state)
+    if previous is not None:
+        states += continuing_states(read_trajectories(previous, "executed").to_pylist())
+    model, tokenizer = load_base(base_dir, config.model.device)
+    if adapters is not None:
+        model = load_adapters(model, adapters)  # policy adapter active
+    model.eval()
+    fim = find_fim_tokens(tokenizer.get_vocab()) if config.prompt.format == "fim" else None
+    prompts = [render(s.state, fim) for s in states]
+    with Progress() as progress:
+        bar = progress.add_task(f"sample@{iteration}", total=len(prompts))
+
+        def on_batch(tokens: int, seconds: float) -> None:
+            progress.update(bar, advance=min(config.sampling.batch_size, len(prompts)),
+                            description=f"sample@{iteration} {tokens / seconds:.0f} tok/s")
+
+        completions = sample(model, tokenizer, prompts, config.sampling,
+                             stream_seed(config.seed, iteration, "sample"), on_batch)
+    rows = [
+        {"iteration": iteration, "episode_id": s.episode_id, "step": s.step, "task": s.task,
+         "sample": s.sample, "state": s.state, "prompt": p, "completion": c.body,
+         "prompt_ids": c.prompt_ids, "completion_ids": c.completion_ids,
+         "behaviour_logprobs": c.behaviour_logprobs, "truncated": c.truncated}
+        for s, p, c in zip(states, prompts, completions, strict=True)
+    ]
+    write_trajectories(out, rows, "sampled", artifact_metadata(config, base_dir))
+    return len(rows)
+
+
+def _task_names(config: Config) -> list[str]:
+    return list(config.tasks.names) + [c.name for c in config.tasks.custom]
