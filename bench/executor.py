@@ -36,10 +36,18 @@ FAMILIES = [  # (module, estimator, arguments with {} for the varied value, five
     ("sklearn.neighbors", "KNeighborsClassifier", "n_neighbors={}", [3, 5, 7, 9, 11]),
     ("sklearn.naive_bayes", "GaussianNB", "var_smoothing={}", [1e-9, 1e-8, 1e-7, 1e-6, 1e-5]),
     ("sklearn.svm", "SVC", "C={}, probability=True, random_state=0", [0.5, 1, 2, 4, 8]),
-    ("sklearn.neural_network", "MLPClassifier",
-     "hidden_layer_sizes=({},), random_state=0", [8, 16, 24, 32, 40]),
-    ("sklearn.ensemble", "GradientBoostingClassifier",
-     "n_estimators={}, random_state=0", [10, 20, 30, 40, 50]),
+    (
+        "sklearn.neural_network",
+        "MLPClassifier",
+        "hidden_layer_sizes=({},), random_state=0",
+        [8, 16, 24, 32, 40],
+    ),
+    (
+        "sklearn.ensemble",
+        "GradientBoostingClassifier",
+        "n_estimators={}, random_state=0",
+        [10, 20, 30, 40, 50],
+    ),
     ("sklearn.discriminant_analysis", "LinearDiscriminantAnalysis", "tol={}", [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),
 ]
 
@@ -66,14 +74,18 @@ def bodies() -> list[str]:
     out = []
     for module, name, args, values in FAMILIES:
         for v in values:
-            out.append(f"    from {module} import {name}\n"
-                       f"    model = {name}({args.format(v)}).fit(x_train, y_train)")
+            out.append(
+                f"    from {module} import {name}\n    model = {name}({args.format(v)}).fit(x_train, y_train)"
+            )
     return out
 
 
 def dummy_bodies() -> list[str]:
-    return [f"    from sklearn.dummy import DummyClassifier\n    # variant {i}\n"
-            "    model = DummyClassifier(strategy='prior').fit(x_train, y_train)" for i in range(50)]
+    return [
+        f"    from sklearn.dummy import DummyClassifier\n    # variant {i}\n"
+        "    model = DummyClassifier(strategy='prior').fit(x_train, y_train)"
+        for i in range(50)
+    ]
 
 
 def run_cold(sources: list[str], data: Path, parallel: int) -> float:
@@ -81,8 +93,9 @@ def run_cold(sources: list[str], data: Path, parallel: int) -> float:
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
     def one(source: str) -> None:
-        subprocess.run([sys.executable, "-c", script], input=source, text=True, check=True,
-                       capture_output=True, env=env)
+        subprocess.run(
+            [sys.executable, "-c", script], input=source, text=True, check=True, capture_output=True, env=env
+        )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
@@ -110,8 +123,10 @@ def main() -> None:
         idle = [program(state, b) for b in dummy_bodies()]
 
         rows = []
-        for parallel, sources, label in ((2, work, "50 ordinary bodies, 2 at a time"),
-                                         (1, idle, "50 near-empty bodies, 1 at a time")):
+        for parallel, sources, label in (
+            (2, work, "50 ordinary bodies, 2 at a time"),
+            (1, idle, "50 near-empty bodies, 1 at a time"),
+        ):
             config = ExecutorConfig(workers=parallel, cache=False, timeout_s=60)
             with Executor(tmp, config) as executor:
                 started = time.perf_counter()
@@ -122,12 +137,16 @@ def main() -> None:
             rows.append((label, warm, cold, startup))
 
     print(f"sandbox: {'bubblewrap' if bwrap_available() else 'rlimit fallback'}\n")
-    print("| workload | warm pool: programs/s | cold process: programs/s | warm ms/program "
-          "| cold ms/program | ratio | pool start-up s |")
+    print(
+        "| workload | warm pool: programs/s | cold process: programs/s | warm ms/program "
+        "| cold ms/program | ratio | pool start-up s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, warm, cold, startup in rows:
-        print(f"| {label} | {50 / warm:.1f} | {50 / cold:.1f} | {1000 * warm / 50:.1f} "
-              f"| {1000 * cold / 50:.1f} | {cold / warm:.1f}x | {startup:.2f} |")
+        print(
+            f"| {label} | {50 / warm:.1f} | {50 / cold:.1f} | {1000 * warm / 50:.1f} "
+            f"| {1000 * cold / 50:.1f} | {cold / warm:.1f}x | {startup:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,7 @@ def prepare(
     save_tasks(tasks, out)
     for task in tasks:
         s = task.summary()
-        typer.echo(f"{task.name}: {s['rows']} rows, {s['features']} features, "
-                   f"{s['classes']} classes")
+        typer.echo(f"{task.name}: {s['rows']} rows, {s['features']} features, {s['classes']} classes")
 
 
 def _as_body(text: str) -> str:
@@ -98,9 +97,17 @@ def try_body(
     source = program(state_source(loaded.description, loaded.x.shape), _as_body(text))
     with Executor(tasks_dir, config.executor, EXEC_CACHE) as executor:
         result = executor.run(task, source)
-    typer.echo(json.dumps({"status": result.status, "reward": result.reward,
-                           "score_std": result.score_std, "seconds": round(result.seconds, 4),
-                           "error": result.error}))
+    typer.echo(
+        json.dumps(
+            {
+                "status": result.status,
+                "reward": result.reward,
+                "score_std": result.score_std,
+                "seconds": round(result.seconds, 4),
+                "error": result.error,
+            }
+        )
+    )
 
 
 @app.command()
@@ -114,6 +121,20 @@ def bootstrap(
 
     model_id = stage.run(load_config(params), out)
     typer.echo(f"bootstrap: {model_id} -> {out}")
+
+
+@app.command()
+@friendly
+def warmstart(
+    base: Annotated[Path, typer.Option(help="The base model directory.")] = Path("data/models/base"),
+    out: Annotated[Path, typer.Option(help="Where the warm-started model goes.")] = Path("data/models/warm"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Supervised LoRA warm start on synthetic bodies, merged into a new base (0 steps: a link)."""
+    from pipeline.stages import warmstart as stage
+
+    info = stage.run(load_config(params), base, out)
+    typer.echo(f"warmstart: {info['steps']} steps in {info['seconds']} s -> {out}")
 
 
 @app.command()
@@ -181,9 +202,48 @@ def inspect(
     by = ["task"]
     stats = [pl.len().alias("actions"), pl.col("tokens").mean().alias("mean tokens")]
     if "reward" in frame.columns:
-        stats += [(pl.col("status") == "ok").mean().alias("ran"),
-                  pl.col("reward").mean().alias("mean reward"), pl.col("reward").max().alias("best")]
+        stats += [
+            (pl.col("status") == "ok").mean().alias("ran"),
+            pl.col("reward").mean().alias("mean reward"),
+            pl.col("reward").max().alias("best"),
+        ]
     console.print(frame.group_by(by).agg(stats).sort(by))
+
+
+@app.command()
+@friendly
+def summary(
+    iterations: Annotated[Path, typer.Option(help="The iterations folder.")] = Path("data/iterations"),
+) -> None:
+    """Per iteration: mean reward, success rate, and the best reward found so far per task."""
+    import polars as pl
+
+    from pipeline.io import read_trajectories
+
+    files = sorted(iterations.glob("*/executed.parquet"))
+    if not files:
+        raise UsageError(f"{iterations}: no executed iterations yet (run dvc repro)")
+    frame = pl.concat(
+        [pl.from_arrow(read_trajectories(f, "executed")) for f in files], how="diagonal_relaxed"
+    )
+    per_iteration = (
+        frame.group_by("iteration")
+        .agg(
+            actions=pl.len(),
+            success_rate=(pl.col("status") == "ok").mean(),
+            mean_reward=pl.col("reward").mean(),
+        )
+        .sort("iteration")
+    )
+    best = (
+        frame.group_by("iteration", "task")
+        .agg(pl.col("reward").max())
+        .sort("iteration")
+        .with_columns(pl.col("reward").cum_max().over("task").alias("best so far"))
+    )
+    with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, float_precision=3):
+        typer.echo(per_iteration)
+        typer.echo(best.pivot(on="task", index="iteration", values="best so far"))
 
 
 def _has_columns(file: Path, names: list[str]) -> bool:

@@ -108,6 +108,16 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class WarmstartConfig:
+    steps: int = field(default=40, metadata=_range(0, 100000))
+    """Supervised steps on the synthetic corpus; 0 for a model that already writes runnable code."""
+    lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
+    batch_size: int = field(default=8, metadata=_range(1, 4096))
+    corpus_size: int = field(default=512, metadata=_range(1, 1_000_000))
+    """Synthetic (state, body) examples drawn from the grammar."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
     """Root of every random stream: (seed, iteration, stage)."""
@@ -117,6 +127,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -173,9 +184,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]}; allowed here: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

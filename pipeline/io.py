@@ -69,10 +69,14 @@ EXECUTED_FIELDS = SAMPLED_FIELDS + [
     pa.field("done", pa.bool_(), nullable=False),
     pa.field("next_state", pa.string(), nullable=False),  # source of the next state; "" when done
 ]
-TARGET_FIELDS = EXECUTED_FIELDS + [
-    pa.field(name, F32_LIST, nullable=False)
-    for name in ("q_target", "q_taken", "soft_value", "kl_ref", "entropy")
-] + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
+TARGET_FIELDS = (
+    EXECUTED_FIELDS
+    + [
+        pa.field(name, F32_LIST, nullable=False)
+        for name in ("q_target", "q_taken", "soft_value", "kl_ref", "entropy")
+    ]
+    + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
+)
 
 SCHEMAS = {
     "sampled": pa.schema(SAMPLED_FIELDS),
@@ -87,8 +91,9 @@ class TrajectoryError(ValueError):
     """A corrupt or mismatched trajectory file: the message names the file and the column."""
 
 
-def write_trajectories(path: str | Path, rows: list[dict[str, Any]], kind: str,
-                       metadata: dict[str, Any]) -> None:
+def write_trajectories(
+    path: str | Path, rows: list[dict[str, Any]], kind: str, metadata: dict[str, Any]
+) -> None:
     """Validate `rows` against the `kind` schema and write them atomically with zstd."""
     schema = SCHEMAS[kind].with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     table = pa.Table.from_pylist(rows, schema=schema)

@@ -48,8 +48,9 @@ def test_prepare_writes_tables_and_index(tmp_path):
 
 
 def test_categorical_features_are_ordinal_in_sorted_order():
-    frame = pl.DataFrame({"colour": ["red", "blue", "green", "blue"], "n": [1, 2, 3, 4],
-                          "target": ["yes", "no", "yes", "no"]})
+    frame = pl.DataFrame(
+        {"colour": ["red", "blue", "green", "blue"], "n": [1, 2, 3, 4], "target": ["yes", "no", "yes", "no"]}
+    )
     task = encode("t", "T", frame)
     assert task.x[:, 0].tolist() == [2.0, 0.0, 1.0, 0.0]
     assert task.classes == ["no", "yes"] and task.y.tolist() == [1, 0, 1, 0]
@@ -68,10 +69,8 @@ def custom(tmp_path, frame: pl.DataFrame | None, target="label", name="mine"):
         (None, "label", "does not exist"),
         (pl.DataFrame({"a": [1, 2], "label": [0, 1]}), "y", "no target column 'y'"),
         (pl.DataFrame({"a": [1, 2, 3], "label": [1, 1, 1]}), "label", "only one class"),
-        (pl.DataFrame({"a": [], "label": []}, schema={"a": pl.Int64, "label": pl.Int64}),
-         "label", "empty"),
-        (pl.DataFrame({"a": [1.0, None, 2.0, 3.0], "label": [0, 1, 0, 1]}), "label",
-         "missing values"),
+        (pl.DataFrame({"a": [], "label": []}, schema={"a": pl.Int64, "label": pl.Int64}), "label", "empty"),
+        (pl.DataFrame({"a": [1.0, None, 2.0, 3.0], "label": [0, 1, 0, 1]}), "label", "missing values"),
     ],
 )
 def test_bad_custom_data_names_the_task(tmp_path, frame, target, message):
@@ -89,9 +88,7 @@ def test_custom_parquet_task(tmp_path):
 
 def test_prepare_cli_reports_bad_dataset(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(
-        "tasks: {names: [], custom: [{name: c, path: missing.csv, target: t, description: C}]}"
-    )
+    params.write_text("tasks: {names: [], custom: [{name: c, path: missing.csv, target: t, description: C}]}")
     result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == "error: task c: data file missing.csv does not exist"

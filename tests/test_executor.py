@@ -19,10 +19,14 @@ from pipeline.tasks.datasets import load_task
 from pipeline.tasks.prompts import program, state_source
 from tests.conftest import REPO
 
-LOGISTIC = ("    from sklearn.linear_model import LogisticRegression\n"
-            "    model = LogisticRegression(max_iter=1000).fit(x_train, y_train)")
-FOREST = ("    from sklearn.ensemble import RandomForestClassifier\n"
-          "    model = RandomForestClassifier(n_estimators=20, random_state=0).fit(x_train, y_train)")
+LOGISTIC = (
+    "    from sklearn.linear_model import LogisticRegression\n"
+    "    model = LogisticRegression(max_iter=1000).fit(x_train, y_train)"
+)
+FOREST = (
+    "    from sklearn.ensemble import RandomForestClassifier\n"
+    "    model = RandomForestClassifier(n_estimators=20, random_state=0).fit(x_train, y_train)"
+)
 
 
 def source_for(tasks_dir: Path, task: str, body: str) -> str:
@@ -35,7 +39,8 @@ def direct_reward(x, y, make_model) -> tuple[float, float]:
     scores = []
     for seed in range(5):
         x_tr, x_te, y_tr, y_te = train_test_split(
-            x, y, test_size=0.5, shuffle=True, random_state=seed, stratify=y)
+            x, y, test_size=0.5, shuffle=True, random_state=seed, stratify=y
+        )
         proba = make_model().fit(x_tr, y_tr).predict_proba(x_te)
         if proba.shape[1] == 2:
             scores.append(roc_auc_score(y_te, proba[:, 1]))
@@ -66,11 +71,12 @@ FAILURES = {
     "error": "    model = undefined_name",
     "timeout": "    while True:\n        pass",
     "memory": "    hog = bytearray(64 * 2**30)",
-    "banned": ("    from sklearn.model_selection import GridSearchCV\n"
-               "    from sklearn.svm import SVC\n"
-               "    model = GridSearchCV(SVC(), {'C': [1]}).fit(x_train, y_train)"),
-    "no_proba": ("    from sklearn.svm import LinearSVC\n"
-                 "    model = LinearSVC().fit(x_train, y_train)"),
+    "banned": (
+        "    from sklearn.model_selection import GridSearchCV\n"
+        "    from sklearn.svm import SVC\n"
+        "    model = GridSearchCV(SVC(), {'C': [1]}).fit(x_train, y_train)"
+    ),
+    "no_proba": ("    from sklearn.svm import LinearSVC\n    model = LinearSVC().fit(x_train, y_train)"),
 }
 
 
@@ -82,8 +88,10 @@ def test_each_failure_status_from_a_real_program(executor, tasks_dir, status):
 
 
 def test_banned_through_getattr_is_caught_inside_the_sandbox(executor, tasks_dir):
-    body = ("    import sklearn.model_selection as ms\n    from sklearn.svm import SVC\n"
-            "    model = getattr(ms, 'Grid' + 'SearchCV')(SVC(), {'C': [1]}).fit(x_train, y_train)")
+    body = (
+        "    import sklearn.model_selection as ms\n    from sklearn.svm import SVC\n"
+        "    model = getattr(ms, 'Grid' + 'SearchCV')(SVC(), {'C': [1]}).fit(x_train, y_train)"
+    )
     result = executor.run("iris", source_for(tasks_dir, "iris", body))
     assert result.status == "banned"
 
@@ -94,10 +102,14 @@ HOSTILE = {
     "kill_parent": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    model = None",
     "os_exit": "    import os\n    os._exit(0)",
     "read_stdin": "    model = input()",
-    "network": ("    import socket\n    s = socket.socket()\n    s.settimeout(1)\n"
-                "    s.connect(('93.184.216.34', 80))"),
-    "daemon": ("    import os, time\n    if os.fork() == 0:\n        os.setsid()\n"
-               "        time.sleep(1000)\n    model = None"),
+    "network": (
+        "    import socket\n    s = socket.socket()\n    s.settimeout(1)\n"
+        "    s.connect(('93.184.216.34', 80))"
+    ),
+    "daemon": (
+        "    import os, time\n    if os.fork() == 0:\n        os.setsid()\n"
+        "        time.sleep(1000)\n    model = None"
+    ),
 }
 
 
@@ -126,8 +138,11 @@ def test_file_system_is_out_of_reach(executor, tasks_dir, tmp_path):
         result = executor.run("iris", source_for(tasks_dir, "iris", body))
         assert result.status == "error", (name, result)
         if bwrap_available():
-            assert "Error" in result.error and "No such file" in result.error or \
-                "Permission denied" in result.error, (name, result.error)
+            assert (
+                "Error" in result.error
+                and "No such file" in result.error
+                or "Permission denied" in result.error
+            ), (name, result.error)
     assert victim.read_text() == "keep me"
     assert not (tmp_path / "new.txt").exists()
 
@@ -136,8 +151,11 @@ def test_file_system_is_out_of_reach(executor, tasks_dir, tmp_path):
 def test_nothing_outlives_a_program(executor, tasks_dir):
     executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["daemon"]))
     executor.run("iris", source_for(tasks_dir, "iris", HOSTILE["fork_bomb"]))
-    descendants = [child for worker in executor._all
-                   for child in psutil.Process(worker.process.pid).children(recursive=True)]
+    descendants = [
+        child
+        for worker in executor._all
+        for child in psutil.Process(worker.process.pid).children(recursive=True)
+    ]
     assert descendants, "the workers should be running"
     # each worker is bwrap (init) + the harness; a surviving daemon is a forked harness too
     harnesses = [p for p in descendants if p.name() != "bwrap"]
@@ -152,14 +170,15 @@ def test_cache_hit_is_identical(tasks_dir, tmp_path):
     with Executor(tasks_dir, config, tmp_path / "cache") as ex:
         second = ex.run("balance-scale", source)
     assert not first.cached and second.cached
-    assert (second.status, second.reward, second.score_std) == (
-        first.status, first.reward, first.score_std)
+    assert (second.status, second.reward, second.score_std) == (first.status, first.reward, first.score_std)
 
 
 def test_run_many_keeps_job_order(executor, tasks_dir):
-    jobs = [("iris", source_for(tasks_dir, "iris", FAILURES["error"])),
-            ("balance-scale", source_for(tasks_dir, "balance-scale", FOREST)),
-            ("iris", source_for(tasks_dir, "iris", FAILURES["syntax"]))]
+    jobs = [
+        ("iris", source_for(tasks_dir, "iris", FAILURES["error"])),
+        ("balance-scale", source_for(tasks_dir, "balance-scale", FOREST)),
+        ("iris", source_for(tasks_dir, "iris", FAILURES["syntax"])),
+    ]
     statuses = [r.status for r in executor.run_many(jobs)]
     assert statuses == ["error", "ok", "syntax"]
 
@@ -175,14 +194,30 @@ def test_rlimit_fallback_contains_the_basics(tasks_dir):
 
 def test_try_command_prints_one_json_object(tasks_dir, tmp_path):
     body = tmp_path / "body.py"
-    body.write_text("from sklearn.naive_bayes import GaussianNB\n"
-                    "model = GaussianNB().fit(x_train, y_train)\n")
+    body.write_text(
+        "from sklearn.naive_bayes import GaussianNB\nmodel = GaussianNB().fit(x_train, y_train)\n"
+    )
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     for file, stdin in ((str(body), None), ("-", body.read_text())):
         done = subprocess.run(
-            ["etpo", "try", "--task", "iris", "--tasks-dir", str(tasks_dir),
-             "--params", str(REPO / "params.yaml"), file],
-            input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+            [
+                "etpo",
+                "try",
+                "--task",
+                "iris",
+                "--tasks-dir",
+                str(tasks_dir),
+                "--params",
+                str(REPO / "params.yaml"),
+                file,
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert set(result) == {"status", "reward", "score_std", "seconds", "error"}
@@ -198,6 +233,7 @@ def test_rank_auc_equals_sklearn_with_ties(n_classes):
         y = rng.permutation(np.arange(200) % n_classes)
         proba = rng.integers(0, 4, size=(200, n_classes)).astype(float) + 0.1  # many ties
         proba /= proba.sum(axis=1, keepdims=True)
-        expected = (roc_auc_score(y, proba[:, 1]) if n_classes == 2
-                    else roc_auc_score(y, proba, multi_class="ovo"))
+        expected = (
+            roc_auc_score(y, proba[:, 1]) if n_classes == 2 else roc_auc_score(y, proba, multi_class="ovo")
+        )
         assert auc(y, proba, n_classes) == pytest.approx(expected, abs=1e-12)

@@ -20,7 +20,7 @@ def test_state_has_the_design_template():
     assert source.startswith('"""Classification with a Balance Scale Prediction Dataset"""')
     assert "x_train in shape (625, 4)" in source and source.count(SLOT) == 1
     prefix, suffix = split_slot(source)
-    assert completion_prompt(source) == prefix and prefix.endswith("y_train.\"\"\"\n")
+    assert completion_prompt(source) == prefix and prefix.endswith('y_train."""\n')
     assert suffix == "\n    return model\n"
 
 

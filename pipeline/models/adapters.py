@@ -21,8 +21,11 @@ ADAPTERS = ("policy", "critic", "target")
 
 def lora_config(config: LoraConfig) -> PeftLoraConfig:
     return PeftLoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
     )
 
 
@@ -46,8 +49,9 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
     missing = [n for n in ADAPTERS if not (directory / n / "adapter_config.json").exists()]
     if missing:
         raise FileNotFoundError(f"{directory}: adapter {missing[0]!r} is missing")
-    model = PeftModel.from_pretrained(base, directory / ADAPTERS[0], adapter_name=ADAPTERS[0],
-                                      is_trainable=trainable)
+    model = PeftModel.from_pretrained(
+        base, directory / ADAPTERS[0], adapter_name=ADAPTERS[0], is_trainable=trainable
+    )
     for name in ADAPTERS[1:]:
         model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
     model.set_adapter("policy")

@@ -54,8 +54,9 @@ class BodyStop(StoppingCriteria):
 
 
 @torch.no_grad()
-def sample_batch(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: SamplingConfig,
-                 seed: int) -> list[Completion]:
+def sample_batch(
+    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: SamplingConfig, seed: int
+) -> list[Completion]:
     """Sample one completion per prompt; deterministic on the CPU for a given seed."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -63,17 +64,27 @@ def sample_batch(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], 
     stop = BodyStop(tokenizer, prompt_length, len(prompts))
     torch.manual_seed(seed)
     generation = GenerationConfig(  # explicit: no defaults inherited from the checkpoint
-        do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, output_scores=True, return_dict_in_generate=True,
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
-    out = model.generate(**encoded, generation_config=generation,
-                         stopping_criteria=StoppingCriteriaList([stop]))
+    out = model.generate(
+        **encoded, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop])
+    )
     generated = out.sequences[:, prompt_length:]  # (B, T)
-    taken = torch.stack([  # log-prob of each sampled token under the warped distribution: (B, T)
-        step.float().log_softmax(-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
-        for t, step in enumerate(out.scores)
-    ], dim=1)
+    taken = torch.stack(
+        [  # log-prob of each sampled token under the warped distribution: (B, T)
+            step.float().log_softmax(-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
+            for t, step in enumerate(out.scores)
+        ],
+        dim=1,
+    )
     completions = []
     for row in range(len(prompts)):
         ids = generated[row].tolist()
@@ -83,22 +94,33 @@ def sample_batch(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], 
         action = ids[:length]
         prompt_ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
         text = tokenizer.decode(action, skip_special_tokens=True)
-        completions.append(Completion(
-            prompt_ids=prompt_ids, completion_ids=action,
-            behaviour_logprobs=taken[row, :length].tolist(),
-            body=cut_body(text)[0], truncated=not ends,
-        ))
+        completions.append(
+            Completion(
+                prompt_ids=prompt_ids,
+                completion_ids=action,
+                behaviour_logprobs=taken[row, :length].tolist(),
+                body=cut_body(text)[0],
+                truncated=not ends,
+            )
+        )
     return completions
 
 
-def sample(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: SamplingConfig,
-           seed: int, on_batch: Callable[[int, float], None] | None = None) -> list[Completion]:
+def sample(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: SamplingConfig,
+    seed: int,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> list[Completion]:
     """All prompts in batches of `config.batch_size`; `on_batch(tokens, seconds)` after each."""
     completions: list[Completion] = []
     for start in range(0, len(prompts), config.batch_size):
         began = time.perf_counter()
-        batch = sample_batch(model, tokenizer, prompts[start : start + config.batch_size], config,
-                             stream_seed(seed, start))
+        batch = sample_batch(
+            model, tokenizer, prompts[start : start + config.batch_size], config, stream_seed(seed, start)
+        )
         completions += batch
         if on_batch:
             on_batch(sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)

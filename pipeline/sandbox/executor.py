@@ -63,9 +63,12 @@ def static_check(source: str) -> ExecResult | None:
         return failure("syntax", f"{type(e).__name__}: {e}")
     for node in ast.walk(tree):
         name = (
-            node.id if isinstance(node, ast.Name)
-            else node.attr if isinstance(node, ast.Attribute)
-            else node.name if isinstance(node, ast.alias)
+            node.id
+            if isinstance(node, ast.Name)
+            else node.attr
+            if isinstance(node, ast.Attribute)
+            else node.name
+            if isinstance(node, ast.alias)
             else None
         )
         if name in harness.BANNED:
@@ -104,8 +107,13 @@ class Worker:
         self.log = self.scratch / "worker.log"  # the harness's own stderr, for diagnosis
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                env=env, cwd=self.scratch, start_new_session=True,
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                cwd=self.scratch,
+                start_new_session=True,
             )
         self._buffer = b""
         reply = self._readline(time.monotonic() + START_TIMEOUT_S)
@@ -142,8 +150,9 @@ class Worker:
             self.close()
             return failure("error", f"the sandbox worker died{why}", time.perf_counter() - started)
         data = json.loads(reply)
-        return ExecResult(data["status"], data["reward"], data["score_std"],
-                          time.perf_counter() - started, data["error"])
+        return ExecResult(
+            data["status"], data["reward"], data["score_std"], time.perf_counter() - started, data["error"]
+        )
 
     def last_words(self) -> str:
         lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
@@ -165,22 +174,41 @@ class Worker:
 def _bwrap_command(data_path: Path, env: dict[str, str]) -> list[str]:
     """bubblewrap: no network, read-only system and Python, private /tmp, only this task's data."""
     as_root = os.getuid() == 0
-    command = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
-               "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    command = [
+        "bwrap",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
     if not as_root:  # unprivileged bwrap needs a user namespace; as root the child drops to nobody
         command.append("--unshare-user")
     # /tmp first: a later mount inside it (a venv under /tmp, say) must not be covered by it
     command += ["--perms", "1777", "--tmpfs", "/tmp"]
-    binds = [p for p in ("/usr", "/lib", "/lib64", "/bin", sys.base_prefix, sys.prefix)
-             if os.path.exists(p)]
+    binds = [p for p in ("/usr", "/lib", "/lib64", "/bin", sys.base_prefix, sys.prefix) if os.path.exists(p)]
     parents = sorted({str(a) for p in binds for a in Path(p).parents if str(a) != "/"})
     for parent in parents:  # traversable, so the unprivileged child can import from below them
         command += ["--perms", "0755", "--dir", parent]
     for path in binds:
         command += ["--ro-bind", path, path]
-    command += ["--ro-bind", str(HARNESS_PATH), "/sandbox/harness.py",
-                "--ro-bind", str(data_path), "/task/data.npz",
-                "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp", "--clearenv"]
+    command += [
+        "--ro-bind",
+        str(HARNESS_PATH),
+        "/sandbox/harness.py",
+        "--ro-bind",
+        str(data_path),
+        "/task/data.npz",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--chdir",
+        "/tmp",
+        "--clearenv",
+    ]
     for key, value in env.items():
         command += ["--setenv", key, value]
     return command + [sys.executable, "-I", "/sandbox/harness.py", "/task/data.npz"]
@@ -192,8 +220,7 @@ class Executor:
     Use as a context manager (workers are processes and must be shut down).
     """
 
-    def __init__(self, tasks_dir: str | Path, config: ExecutorConfig,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, tasks_dir: str | Path, config: ExecutorConfig, cache_dir: str | Path | None = None):
         self.tasks_dir = Path(tasks_dir)
         self.config = config
         self.workers = config.workers or os.cpu_count() or 1
@@ -201,8 +228,11 @@ class Executor:
         if config.sandbox == "bwrap" and not bwrap_available():
             raise RuntimeError("executor.sandbox is 'bwrap' but bubblewrap is not installed")
         if not self.use_bwrap and config.sandbox == "auto":
-            warnings.warn("bubblewrap not found: generated code runs with rlimits only "
-                          "(no network or filesystem isolation); install 'bubblewrap'", stacklevel=2)
+            warnings.warn(
+                "bubblewrap not found: generated code runs with rlimits only "
+                "(no network or filesystem isolation); install 'bubblewrap'",
+                stacklevel=2,
+            )
         self.cache_dir = Path(cache_dir) if (cache_dir and config.cache) else None
         self.scratch = Path(tempfile.mkdtemp(prefix="etpo-exec-"))
         os.chmod(self.scratch, 0o711)
@@ -217,8 +247,12 @@ class Executor:
     @property
     def limits(self) -> dict:
         c = self.config
-        return {"timeout_s": c.timeout_s, "memory_mb": c.memory_mb,
-                "max_processes": c.max_processes, "max_output_bytes": c.max_output_bytes}
+        return {
+            "timeout_s": c.timeout_s,
+            "memory_mb": c.memory_mb,
+            "max_processes": c.max_processes,
+            "max_output_bytes": c.max_output_bytes,
+        }
 
     def _task_data(self, task: str) -> tuple[Path, str]:
         with self._lock:
@@ -244,8 +278,13 @@ class Executor:
 
     def cache_key(self, task: str, source: str) -> str:
         _, data_hash = self._task_data(task)
-        settings = {"source": source, "task": task, "data": data_hash, "limits": self.limits,
-                    "harness": HARNESS_VERSION}
+        settings = {
+            "source": source,
+            "task": task,
+            "data": data_hash,
+            "limits": self.limits,
+            "harness": HARNESS_VERSION,
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def run(self, task: str, source: str) -> ExecResult:
@@ -268,8 +307,9 @@ class Executor:
             write_json(cache_file, asdict(result))
         return result
 
-    def run_many(self, jobs: Sequence[tuple[str, str]],
-                 on_done: Callable[[ExecResult], None] | None = None) -> list[ExecResult]:
+    def run_many(
+        self, jobs: Sequence[tuple[str, str]], on_done: Callable[[ExecResult], None] | None = None
+    ) -> list[ExecResult]:
         """Score (task, source) pairs in parallel; results come back in the order of `jobs`."""
 
         def one(job: tuple[str, str]) -> ExecResult:

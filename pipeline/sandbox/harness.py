@@ -163,8 +163,9 @@ def _fit_and_predict(source, x_train, y_train, x_test, n_classes):
         raise Failure("no_proba", f"{type(model).__name__} has no predict_proba")
     proba = np.asarray(model.predict_proba(x_test.copy()), dtype=np.float64)
     if proba.shape != (len(x_test), n_classes):
-        raise Failure("error", f"predict_proba returned shape {proba.shape}, "
-                               f"expected {(len(x_test), n_classes)}")
+        raise Failure(
+            "error", f"predict_proba returned shape {proba.shape}, expected {(len(x_test), n_classes)}"
+        )
     return proba
 
 
@@ -200,7 +201,7 @@ def _child(write_fd, source, folds, limits, seconds_left, n_classes):
         os.write(write_fd, struct.pack("<II", len(data), len(payload)) + data)
         view = memoryview(payload)
         while view:
-            view = view[os.write(write_fd, view):]
+            view = view[os.write(write_fd, view) :]
     finally:
         os._exit(0)
 
@@ -300,8 +301,7 @@ def score(source, x, y, limits, split_indices):
             status, error = "error", f"scoring predict_proba failed: {e}"
     if status != "ok":
         return {"status": status, "reward": -1.0, "score_std": 0.0, "error": error}
-    return {"status": "ok", "reward": float(np.mean(scores)),
-            "score_std": float(np.std(scores)), "error": ""}
+    return {"status": "ok", "reward": float(np.mean(scores)), "score_std": float(np.std(scores)), "error": ""}
 
 
 def serve(data_path):

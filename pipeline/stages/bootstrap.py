@@ -13,6 +13,7 @@ from pipeline.stages.common import MODEL_INFO
 def run(config: Config, out: Path) -> str:
     model, tokenizer, model_id = materialise(config.model, config.seed)
     save_base(model, tokenizer, out)
-    write_json(out / MODEL_INFO, {"model_id": model_id,
-                                  "parameters": sum(p.numel() for p in model.parameters())})
+    write_json(
+        out / MODEL_INFO, {"model_id": model_id, "parameters": sum(p.numel() for p in model.parameters())}
+    )
     return model_id

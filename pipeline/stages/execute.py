@@ -24,9 +24,15 @@ def run(config: Config, trajectories: Path, tasks_dir: Path, out: Path, cache_di
         bar = progress.add_task("execute", total=len(jobs))
         results = executor.run_many(jobs, on_done=lambda _: progress.advance(bar))
     for row, result in zip(rows, results, strict=True):
-        row.update(status=result.status, reward=result.reward, score_std=result.score_std,
-                   error=result.error[-config.prompt.max_error_chars * 4 :], exec_seconds=result.seconds)
+        row.update(
+            status=result.status,
+            reward=result.reward,
+            score_std=result.score_std,
+            error=result.error[-config.prompt.max_error_chars * 4 :],
+            exec_seconds=result.seconds,
+        )
         row["done"], row["next_state"] = next_state(
-            tasks[row["task"]], row, config.prompt.max_steps, config.prompt.max_error_chars)
+            tasks[row["task"]], row, config.prompt.max_steps, config.prompt.max_error_chars
+        )
     write_trajectories(out, rows, "executed", trajectory_metadata(table))
     return rows

@@ -17,8 +17,15 @@ from pipeline.tasks.episodes import continuing_states, fresh_states
 from pipeline.tasks.prompts import find_fim_tokens, render
 
 
-def run(config: Config, iteration: int, tasks_dir: Path, base_dir: Path, out: Path,
-        adapters: Path | None = None, previous: Path | None = None) -> int:
+def run(
+    config: Config,
+    iteration: int,
+    tasks_dir: Path,
+    base_dir: Path,
+    out: Path,
+    adapters: Path | None = None,
+    previous: Path | None = None,
+) -> int:
     """Write `out`; returns the number of actions sampled."""
     tasks = [load_task(tasks_dir, name) for name in _task_names(config)]
     states = fresh_states(tasks, iteration, config.sampling.samples_per_state)
@@ -34,16 +41,35 @@ def run(config: Config, iteration: int, tasks_dir: Path, base_dir: Path, out: Pa
         bar = progress.add_task(f"sample@{iteration}", total=len(prompts))
 
         def on_batch(tokens: int, seconds: float) -> None:
-            progress.update(bar, advance=min(config.sampling.batch_size, len(prompts)),
-                            description=f"sample@{iteration} {tokens / seconds:.0f} tok/s")
+            progress.update(
+                bar,
+                advance=min(config.sampling.batch_size, len(prompts)),
+                description=f"sample@{iteration} {tokens / seconds:.0f} tok/s",
+            )
 
-        completions = sample(model, tokenizer, prompts, config.sampling,
-                             stream_seed(config.seed, iteration, "sample"), on_batch)
+        completions = sample(
+            model,
+            tokenizer,
+            prompts,
+            config.sampling,
+            stream_seed(config.seed, iteration, "sample"),
+            on_batch,
+        )
     rows = [
-        {"iteration": iteration, "episode_id": s.episode_id, "step": s.step, "task": s.task,
-         "sample": s.sample, "state": s.state, "prompt": p, "completion": c.body,
-         "prompt_ids": c.prompt_ids, "completion_ids": c.completion_ids,
-         "behaviour_logprobs": c.behaviour_logprobs, "truncated": c.truncated}
+        {
+            "iteration": iteration,
+            "episode_id": s.episode_id,
+            "step": s.step,
+            "task": s.task,
+            "sample": s.sample,
+            "state": s.state,
+            "prompt": p,
+            "completion": c.body,
+            "prompt_ids": c.prompt_ids,
+            "completion_ids": c.completion_ids,
+            "behaviour_logprobs": c.behaviour_logprobs,
+            "truncated": c.truncated,
+        }
         for s, p, c in zip(states, prompts, completions, strict=True)
     ]
     write_trajectories(out, rows, "sampled", artifact_metadata(config, base_dir))

@@ -158,8 +158,7 @@ def encode(name: str, description: str, frame: pl.DataFrame, target: str = TARGE
     if int(counts.min()) < 2:
         raise DatasetError(f"task {name}: every class needs at least 2 rows for 50/50 splits")
     columns = [
-        frame[c].cast(pl.Float64) if frame[c].dtype.is_numeric() else _ordinal(frame[c])
-        for c in features
+        frame[c].cast(pl.Float64) if frame[c].dtype.is_numeric() else _ordinal(frame[c]) for c in features
     ]
     x = np.column_stack([c.to_numpy().astype(np.float64) for c in columns])
     y = _ordinal(frame[target]).to_numpy().astype(np.int64)

@@ -25,9 +25,15 @@ class OpenState:
 def fresh_states(tasks: list[Task], iteration: int, samples_per_state: int) -> list[OpenState]:
     """Every task's first state, `samples_per_state` times: each sample starts its own episode."""
     return [
-        OpenState(f"{iteration:03d}-{task.name}-{k:03d}", 0, task.name, k,
-                  state_source(task.description, task.x.shape))
-        for task in tasks for k in range(samples_per_state)
+        OpenState(
+            f"{iteration:03d}-{task.name}-{k:03d}",
+            0,
+            task.name,
+            k,
+            state_source(task.description, task.x.shape),
+        )
+        for task in tasks
+        for k in range(samples_per_state)
     ]
 
 
@@ -35,7 +41,8 @@ def continuing_states(executed: list[dict[str, Any]]) -> list[OpenState]:
     """The states that follow the not-done actions of the previous iteration."""
     return [
         OpenState(row["episode_id"], row["step"] + 1, row["task"], row["sample"], row["next_state"])
-        for row in executed if not row["done"]
+        for row in executed
+        if not row["done"]
     ]
 
 
@@ -45,5 +52,10 @@ def next_state(task: Task, row: dict[str, Any], max_steps: int, max_error_chars:
     if done:
         return True, ""
     error = f"[{row['status']}] {row['error']}"
-    return False, state_source(task.description, task.x.shape, previous_body=row["completion"],
-                               error=error, max_error_chars=max_error_chars)
+    return False, state_source(
+        task.description,
+        task.x.shape,
+        previous_body=row["completion"],
+        error=error,
+        max_error_chars=max_error_chars,
+    )

@@ -1,0 +1,207 @@
+"""Warm start: a short supervised fine-tune so a small model writes runnable bodies at all.
+
+SmolLM2-135M sampled 0 runnable bodies of 48 with our prompts, and RL cannot learn from rewards
+that are all -1. So before RL we fine-tune (LoRA, merged into the base afterwards) on a synthetic
+corpus: states for *generated* datasets (never the evaluation tasks), bodies drawn uniformly from
+a grammar of a dozen scikit-learn estimators, hyperparameters and preprocessing steps. Nothing
+says which model is best, so RL still has everything to discover. A fifth of the examples are
+reflection states (a body missing an import, its NameError) with the fixed body, so the model
+has seen the second step of an episode too.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.config import LoraConfig, WarmstartConfig
+from pipeline.models.adapters import lora_config
+from pipeline.tasks.prompts import completion_prompt, state_source
+
+# (import line, estimator expression with {} slots, choices per slot, needs scaling)
+ESTIMATORS: list[tuple[str, str, list[list[object]], bool]] = [
+    (
+        "from sklearn.linear_model import LogisticRegression",
+        "LogisticRegression(C={}, max_iter=1000)",
+        [[0.1, 0.5, 1.0, 2.0, 10.0]],
+        True,
+    ),
+    (
+        "from sklearn.ensemble import RandomForestClassifier",
+        "RandomForestClassifier(n_estimators={}, max_depth={}, random_state=0)",
+        [[50, 100, 200, 300], [None, 4, 8, 16]],
+        False,
+    ),
+    (
+        "from sklearn.ensemble import ExtraTreesClassifier",
+        "ExtraTreesClassifier(n_estimators={}, min_samples_leaf={}, random_state=0)",
+        [[50, 100, 200], [1, 2, 5]],
+        False,
+    ),
+    (
+        "from sklearn.ensemble import GradientBoostingClassifier",
+        "GradientBoostingClassifier(n_estimators={}, learning_rate={}, random_state=0)",
+        [[50, 100, 200], [0.03, 0.1, 0.3]],
+        False,
+    ),
+    (
+        "from sklearn.ensemble import HistGradientBoostingClassifier",
+        "HistGradientBoostingClassifier(max_iter={}, learning_rate={}, random_state=0)",
+        [[100, 200], [0.05, 0.1, 0.2]],
+        False,
+    ),
+    (
+        "from sklearn.ensemble import AdaBoostClassifier",
+        "AdaBoostClassifier(n_estimators={}, random_state=0)",
+        [[50, 100, 200]],
+        False,
+    ),
+    (
+        "from sklearn.tree import DecisionTreeClassifier",
+        "DecisionTreeClassifier(max_depth={}, random_state=0)",
+        [[3, 5, 10, None]],
+        False,
+    ),
+    (
+        "from sklearn.neighbors import KNeighborsClassifier",
+        "KNeighborsClassifier(n_neighbors={}, weights={!r})",
+        [[3, 5, 7, 15], ["uniform", "distance"]],
+        True,
+    ),
+    (
+        "from sklearn.svm import SVC",
+        "SVC(C={}, kernel={!r}, probability=True, random_state=0)",
+        [[0.5, 1.0, 5.0], ["rbf", "linear", "poly"]],
+        True,
+    ),
+    ("from sklearn.naive_bayes import GaussianNB", "GaussianNB()", [], False),
+    (
+        "from sklearn.neural_network import MLPClassifier",
+        "MLPClassifier(hidden_layer_sizes=({},), alpha={}, max_iter=500, random_state=0)",
+        [[16, 32, 64, 128], [1e-4, 1e-3, 1e-2]],
+        True,
+    ),
+    (
+        "from sklearn.discriminant_analysis import LinearDiscriminantAnalysis",
+        "LinearDiscriminantAnalysis()",
+        [],
+        False,
+    ),
+]
+SCALERS = ["StandardScaler", "MinMaxScaler", "RobustScaler"]
+DOMAINS = [
+    "Customer Churn",
+    "Loan Default",
+    "Credit Card Fraud",
+    "Heart Disease",
+    "Spam Email",
+    "Wine Quality",
+    "Employee Attrition",
+    "Diabetes Onset",
+    "Mushroom Edibility",
+    "Network Intrusion",
+    "Forest Cover",
+    "Car Evaluation",
+    "Bank Marketing",
+    "Student Dropout",
+    "Machine Failure",
+    "Insurance Claim",
+    "Crop Disease",
+    "Hotel Booking Cancellation",
+    "Website Phishing",
+    "Seismic Bump",
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    body: str  # the target, ending with "return model" and a newline
+
+
+def random_body(rng: random.Random) -> str:
+    """One body from the grammar: imports, an optional scaler pipeline, fit, return."""
+    import_line, template, choices, scale = rng.choice(ESTIMATORS)
+    estimator = template.format(*(rng.choice(c) for c in choices))
+    lines = [import_line]
+    if scale and rng.random() < 0.7:
+        scaler = rng.choice(SCALERS)
+        lines += ["from sklearn.pipeline import make_pipeline", f"from sklearn.preprocessing import {scaler}"]
+        lines.append(f"model = make_pipeline({scaler}(), {estimator})")
+    else:
+        lines.append(f"model = {estimator}")
+    lines += ["model.fit(x_train, y_train)", "return model"]
+    return "".join(f"    {line}\n" for line in lines)
+
+
+def synthetic_examples(count: int, seed: int) -> list[Example]:
+    """States for invented datasets (shapes as make_classification would give), with bodies."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        shape = (rng.randint(100, 2000) // 2, rng.randint(3, 40))
+        body = random_body(rng)
+        previous, error = None, None
+        if rng.random() < 0.2:  # a reflection state: the same body without its first import
+            first_import = body.splitlines()[0].split("import ")[-1]
+            previous = "".join(body.splitlines(keepends=True)[1:])
+            error = f"[error] NameError: name '{first_import}' is not defined"
+        source = state_source(rng.choice(DOMAINS), shape, previous_body=previous, error=error)
+        examples.append(Example(completion_prompt(source), body))
+    return examples
+
+
+def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + body + EOS, number of prompt tokens): the loss is on the body only."""
+    encoded = []
+    for ex in examples:
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        body_ids = tokenizer(ex.body, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((prompt_ids + body_ids, len(prompt_ids)))
+    return encoded
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded inputs and labels with -100 on prompt and padding (ignored by the loss)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def warm_start(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: WarmstartConfig,
+    lora: LoraConfig,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> PreTrainedModel:
+    """Fine-tune a LoRA adapter on the synthetic corpus and merge it: returns the new base."""
+    examples = encode(synthetic_examples(config.corpus_size, seed), tokenizer)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config(lora))
+    peft_model.train()
+    optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr)
+    order = random.Random(seed)
+    for step in range(config.steps):
+        batch = collate(order.sample(examples, config.batch_size), tokenizer.pad_token_id)
+        device = next(peft_model.parameters()).device
+        loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        if on_step:
+            on_step(step, loss.item())
+    return peft_model.merge_and_unload()

@@ -1,0 +1,62 @@
+"""warmstart: base model -> warm-started base (also the reference policy of the RL iterations)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.progress import Progress
+
+from pipeline.config import Config
+from pipeline.io import write_json
+from pipeline.models.base import load_base, save_base
+from pipeline.models.warmstart import warm_start
+from pipeline.stages.common import MODEL_INFO
+
+
+def run(config: Config, base_dir: Path, out: Path) -> dict:
+    """Write the warm-started model to `out`; with 0 steps, hard-link the base's files."""
+    started = time.perf_counter()
+    losses: list[float] = []
+    if config.warmstart.steps == 0:
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base_dir, tmp, copy_function=_link_or_copy)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    else:
+        model, tokenizer = load_base(base_dir, config.model.device)
+        with Progress() as progress:
+            bar = progress.add_task("warmstart", total=config.warmstart.steps)
+
+            def on_step(step: int, loss: float) -> None:
+                losses.append(loss)
+                progress.update(bar, advance=1, description=f"warmstart loss {loss:.3f}")
+
+            merged = warm_start(model, tokenizer, config.warmstart, config.lora, config.seed, on_step)
+        tokenizer.padding_side = "right"  # as saved by bootstrap; load_base sets left for sampling
+        save_base(merged, tokenizer, out)
+    info = {
+        "model_id": f"warm:{_model_id(base_dir)}",
+        "steps": config.warmstart.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "losses": [round(x, 4) for x in losses],
+    }
+    write_json(out / MODEL_INFO, info)
+    return info
+
+
+def _model_id(base_dir: Path) -> str:
+    import json
+
+    path = base_dir / MODEL_INFO
+    return json.loads(path.read_text())["model_id"] if path.exists() else str(base_dir)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
