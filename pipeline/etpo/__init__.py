@@ -1,0 +1,1 @@
+"""The ETPO method: the soft Bellman backup, the losses, and training."""

@@ -1,0 +1,130 @@
+"""Per-token soft Bellman backup of ETPO (DESIGN §1). Pure tensor functions, no I/O.
+
+Shapes: B actions, T token positions (padded), V vocabulary. Position j of an action is the
+prefix (s_t, w^{<j}); its logits predict w^j. All softmaxes are at temperature 1.
+
+    KL_j = sum_w pi(w) [log pi(w) - log rho(w)]
+    EV_j = sum_w pi(w) Q_bar(w)
+    V_j  = EV_j - beta * KL_j
+    y_j  = V_{j+1}                                      j < n
+    y_n  = r + gamma * (1 - done) * V_1(s_{t+1})
+    y_j  = (1 - lam) V_{j+1} + lam (y_{j+1} - beta [log pi - log rho](w^{j+1}))   (lambda-return)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Parametrisation = Literal["residual", "paper"]
+
+
+def q_values(z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation) -> Tensor:
+    """Soft Q over the vocabulary read from a critic's logits: (..., V) -> (..., V).
+
+    residual: Q = beta (z_critic - z_rho), zero for an untrained (zero) adapter;
+    paper:    Q = z_critic, the LM's own logits.
+    """
+    if parametrisation == "residual":
+        return beta * (z_critic - z_rho)
+    return z_critic
+
+
+def kl_to_reference(logp_pi: Tensor, logp_rho: Tensor) -> Tensor:
+    """KL(pi || rho) per position: (..., V) -> (...)."""
+    return (logp_pi.exp() * (logp_pi - logp_rho)).sum(-1)
+
+
+def expected_q(logp_pi: Tensor, q: Tensor) -> Tensor:
+    """E_{w ~ pi}[Q(w)] per position: (..., V) -> (...)."""
+    return (logp_pi.exp() * q).sum(-1)
+
+
+def soft_value(logp_pi: Tensor, logp_rho: Tensor, q: Tensor, beta: float) -> Tensor:
+    """V = E_pi[Q] - beta KL(pi || rho): (..., V) -> (...)."""
+    return expected_q(logp_pi, q) - beta * kl_to_reference(logp_pi, logp_rho)
+
+
+def entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-position scalars (each (B, T)): all the targets stage keeps of the vocabulary."""
+
+    soft_value: Tensor  # V_j under the target critic
+    kl_ref: Tensor  # KL(pi || rho) at j
+    entropy: Tensor  # H(pi) at j
+    logratio_taken: Tensor  # log pi(w^j) - log rho(w^j)
+    q_taken: Tensor  # Q_bar(w^j)
+
+
+def token_stats(
+    z_pi: Tensor,
+    z_rho: Tensor,
+    z_target: Tensor,
+    taken: Tensor,
+    beta: float,
+    parametrisation: Parametrisation,
+    chunk: int = 64,
+) -> TokenStats:
+    """Reduce three (B, T, V) logit tensors to per-token scalars, `chunk` positions at a time.
+
+    Only chunk x V float32 temporaries live at once per tensor, so the memory of the reduction
+    is O(B T + chunk V), not O(B T V) like the reference code's stored logits.
+    """
+    parts: list[list[Tensor]] = [[] for _ in range(5)]
+    for start in range(0, z_pi.shape[1], chunk):
+        sl = slice(start, start + chunk)
+        logp_pi = z_pi[:, sl].float().log_softmax(-1)  # (B, c, V)
+        logp_rho = z_rho[:, sl].float().log_softmax(-1)
+        q = q_values(z_target[:, sl].float(), z_rho[:, sl].float(), beta, parametrisation)
+        idx = taken[:, sl].unsqueeze(-1)  # (B, c, 1)
+        values = (
+            soft_value(logp_pi, logp_rho, q, beta),
+            kl_to_reference(logp_pi, logp_rho),
+            entropy(logp_pi),
+            (logp_pi.gather(-1, idx) - logp_rho.gather(-1, idx)).squeeze(-1),
+            q.gather(-1, idx).squeeze(-1),
+        )
+        for part, value in zip(parts, values, strict=True):
+            part.append(value)
+    return TokenStats(*(torch.cat(p, dim=1) for p in parts))
+
+
+def q_targets(
+    soft_values: Tensor,
+    logratio_taken: Tensor,
+    lengths: Tensor,
+    reward: Tensor,
+    done: Tensor,
+    bootstrap_value: Tensor,
+    gamma: float,
+    beta: float,
+    lam: float = 0.0,
+) -> Tensor:
+    """Per-token targets y (B, T); zero beyond each action's length.
+
+    soft_values[b, j] = V_{j+1} (0-based j), logratio_taken[b, j] = log pi/rho of w^{j+1},
+    lengths (B,) = n, reward/done/bootstrap_value (B,) for the action's last token.
+    The lambda recursion y_j = a_j + lam y_{j+1} is solved as one matrix product with the
+    upper-triangular lam^(k-j) matrix: a reverse scan without a loop over tokens.
+    """
+    B, T = soft_values.shape
+    pos = torch.arange(T, device=soft_values.device)
+    valid = pos[None, :] < lengths[:, None]  # (B, T)
+    last = pos[None, :] == (lengths[:, None] - 1)  # (B, T) the action's final token
+    terminal = reward + gamma * (1.0 - done.float()) * bootstrap_value  # (B,)
+    v_next = torch.cat([soft_values[:, 1:], soft_values.new_zeros(B, 1)], dim=1)  # V_{j+1}
+    r_next = torch.cat([logratio_taken[:, 1:], logratio_taken.new_zeros(B, 1)], dim=1)
+    # a_j: the non-recursive part of y_j; at the last token it is the whole (terminal) target
+    a = torch.where(last, terminal[:, None], (1 - lam) * v_next - lam * beta * r_next)
+    a = torch.where(valid, a, torch.zeros_like(a))
+    offset = pos[None, :] - pos[:, None]  # (T, T): [j, k] = k - j
+    powers = torch.full((T, T), lam, dtype=a.dtype, device=a.device).pow(offset.clamp(min=0))
+    decay = torch.where(offset >= 0, powers, 0.0)  # lam^(k-j) for k >= j; 0^0 = 1 when lam = 0
+    return a @ decay.T  # y_j = sum_{k >= j} lam^(k-j) a_k; a is 0 past the action's end

@@ -1,0 +1,78 @@
+"""ETPO losses (DESIGN §1), as pure functions of logits and per-token targets.
+
+    critic:  L_Q  = Huber_delta(Q_phi(w^j) - y_j)                 y_j a constant
+    policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached
+    target:  Q_bar <- (1 - tau) Q_bar + tau Q_phi                 on adapter weights
+
+Means are over valid completion tokens only (`mask`: prompt and padding are 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.etpo.bellman import Parametrisation, q_values
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def critic_loss(
+    z_critic: Tensor,
+    z_rho: Tensor,
+    taken: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    beta: float,
+    delta: float,
+    parametrisation: Parametrisation,
+) -> Tensor:
+    """Huber loss of the critic's Q at the taken tokens against the (constant) targets.
+
+    z_critic, z_rho: (B, T, V); taken, targets, mask: (B, T).
+    """
+    idx = taken.unsqueeze(-1)
+    q_taken = q_values(z_critic.gather(-1, idx), z_rho.gather(-1, idx), beta, parametrisation).squeeze(-1)
+    per_token = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=delta)
+    return masked_mean(per_token, mask)
+
+
+def optimal_policy_logits(
+    z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation
+) -> Tensor:
+    """Unnormalised log pi_star = log rho + Q / beta: (..., V). With `residual`, softmax(z_critic)."""
+    q = q_values(z_critic, z_rho, beta, parametrisation)
+    return z_rho.log_softmax(-1) + q / beta
+
+
+def policy_loss(
+    z_pi: Tensor,
+    z_rho: Tensor,
+    z_critic: Tensor,
+    mask: Tensor,
+    beta: float,
+    parametrisation: Parametrisation,
+) -> Tensor:
+    """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
+
+    Unlike the reference code's `beta * log_softmax - Q` (which never sees Q's ranking of tokens
+    through pi), the gradient moves pi toward tokens with higher Q relative to rho.
+    """
+    logp_pi = z_pi.float().log_softmax(-1)
+    logp_star = optimal_policy_logits(
+        z_critic.detach().float(), z_rho.detach().float(), beta, parametrisation
+    )
+    kl = (logp_pi.exp() * (logp_pi - logp_star.log_softmax(-1))).sum(-1)
+    return masked_mean(kl, mask)
+
+
+@torch.no_grad()
+def polyak_update(target: Iterable[Tensor], online: Iterable[Tensor], tau: float) -> None:
+    """target <- (1 - tau) target + tau online, in place, parameter by parameter."""
+    for t, o in zip(target, online, strict=True):
+        t.lerp_(o, tau)

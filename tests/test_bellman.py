@@ -1,0 +1,134 @@
+"""The soft Bellman targets against a plain loop, and ETPO on a token MDP with a known optimum."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from pipeline.etpo.bellman import q_targets, token_stats
+from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
+
+
+def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param):
+    """DESIGN §1 written token by token, vocabulary sums as plain Python sums."""
+    B, T, V = z_pi.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        values, logratio = [], []
+        for j in range(n):
+            lp = z_pi[b, j].double().log_softmax(-1).tolist()
+            lr = z_rho[b, j].double().log_softmax(-1).tolist()
+            zt, zr = z_target[b, j].double().tolist(), z_rho[b, j].double().tolist()
+            q = [beta * (zt[w] - zr[w]) if param == "residual" else zt[w] for w in range(V)]
+            kl = sum(math.exp(lp[w]) * (lp[w] - lr[w]) for w in range(V))
+            ev = sum(math.exp(lp[w]) * q[w] for w in range(V))
+            values.append(ev - beta * kl)
+            logratio.append(lp[taken[b, j]] - lr[taken[b, j]])
+        y = [0.0] * n
+        y[n - 1] = float(reward[b]) + gamma * (1 - float(done[b])) * float(boot[b])
+        for j in range(n - 2, -1, -1):
+            y[j] = (1 - lam) * values[j + 1] + lam * (y[j + 1] - beta * logratio[j + 1])
+        out[b, :n] = torch.tensor(y)
+    return out
+
+
+@pytest.mark.parametrize("param", ["residual", "paper"])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_targets_equal_a_plain_loop(param, lam):
+    gen = torch.Generator().manual_seed(0)
+    B, T, V, beta, gamma = 5, 9, 7, 0.3, 0.9
+    z_pi, z_rho, z_target = (torch.randn(B, T, V, generator=gen) for _ in range(3))
+    taken = torch.randint(0, V, (B, T), generator=gen)
+    lengths = torch.tensor([9, 1, 4, 6, 2])  # full, single-token, and padded actions
+    reward = torch.tensor([0.9, -1.0, 0.5, -1.0, 0.7])
+    done = torch.tensor([True, False, True, False, False])  # terminal and non-terminal
+    boot = torch.randn(B, generator=gen)  # V_1(s_{t+1}); truncated actions use it like any other
+    stats = token_stats(z_pi, z_rho, z_target, taken, beta, param, chunk=4)  # chunk < T
+    y = q_targets(stats.soft_value, stats.logratio_taken, lengths, reward, done, boot, gamma, beta, lam)
+    expected = loop_targets(
+        z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param
+    )
+    assert torch.allclose(y.double(), expected, atol=1e-5)
+    pad = torch.arange(T)[None, :] >= lengths[:, None]
+    assert torch.all(y[pad] == 0)
+
+
+def test_residual_critic_at_zero_gives_zero_q_and_leaves_policy_unchanged():
+    gen = torch.Generator().manual_seed(1)
+    z_rho = torch.randn(2, 5, 11, generator=gen)
+    z_pi = z_rho.clone().requires_grad_(True)  # an untrained policy adapter: pi = rho
+    z_critic = z_rho.clone()  # an untrained (zero) critic adapter: z_critic = z_rho
+    stats = token_stats(z_pi.detach(), z_rho, z_critic, torch.zeros(2, 5, dtype=torch.long), 0.1, "residual")
+    assert torch.allclose(stats.q_taken, torch.zeros(2, 5)) and torch.allclose(
+        stats.soft_value, torch.zeros(2, 5)
+    )
+    loss = policy_loss(z_pi, z_rho, z_critic, torch.ones(2, 5), beta=0.1, parametrisation="residual")
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert z_pi.grad.abs().max().item() < 1e-6  # no update: pi_star = rho = pi
+
+
+def soft_optimum(rho_logits, reward, L, V, beta):
+    """Q* and pi* by backward recursion over the prefix tree; prefixes are tuples."""
+    q_star, pi_star = {}, {}
+    for depth in range(L - 1, -1, -1):
+        for prefix in itertools.product(range(V), repeat=depth):
+            q = torch.tensor(
+                [
+                    reward[prefix + (w,)]
+                    if depth == L - 1
+                    else beta
+                    * torch.logsumexp(
+                        rho_logits[prefix + (w,)].log_softmax(-1) + q_star[prefix + (w,)] / beta, -1
+                    )
+                    for w in range(V)
+                ]
+            )
+            q_star[prefix] = q
+            pi_star[prefix] = (rho_logits[prefix].log_softmax(-1) + q / beta).softmax(-1)
+    return pi_star
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L):
+    """Tabular ETPO (targets, Huber critic, KL projection, Polyak) reaches pi* at every prefix."""
+    V, beta, tau = 3, 0.5, 0.05
+    gen = torch.Generator().manual_seed(L)
+    prefixes = [p for d in range(L) for p in itertools.product(range(V), repeat=d)]
+    index = {p: i for i, p in enumerate(prefixes)}
+    rho = torch.randn(len(prefixes), V, generator=gen)
+    actions = list(itertools.product(range(V), repeat=L))
+    reward = {a: float(r) for a, r in zip(actions, torch.rand(len(actions), generator=gen), strict=True)}
+    pi_star = soft_optimum({p: rho[index[p]] for p in prefixes}, reward, L, V, beta)
+
+    policy = rho.clone().requires_grad_(True)  # tables of logits, one row per prefix
+    critic = rho.clone().requires_grad_(True)  # residual: Q = beta (z_critic - z_rho) = 0 at start
+    target = critic.detach().clone()
+    rows = torch.tensor([[index[a[:j]] for j in range(L)] for a in actions])  # (A, L) prefix per position
+    taken = torch.tensor(actions)  # (A, L)
+    rewards = torch.tensor([reward[a] for a in actions])
+    lengths, done, boot = torch.full((len(actions),), L), torch.ones(len(actions)), torch.zeros(len(actions))
+    mask = torch.ones(len(actions), L)
+    opt = torch.optim.Adam([policy, critic], lr=0.05)
+    for _ in range(1500):
+        with torch.no_grad():
+            stats = token_stats(policy[rows], rho[rows], target[rows], taken, beta, "residual")
+            y = q_targets(stats.soft_value, stats.logratio_taken, lengths, rewards, done, boot, 1.0, beta)
+        loss = critic_loss(critic[rows], rho[rows], taken, y, mask, beta, 1.0, "residual")
+        loss = loss + policy_loss(policy[rows], rho[rows], critic[rows], mask, beta, "residual")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        polyak_update([target], [critic.detach()], tau)
+    pi = policy.detach().softmax(-1)
+    for p in prefixes:
+        tv = 0.5 * (pi[index[p]] - pi_star[p]).abs().sum().item()
+        assert tv < 0.02, (p, tv)
+
+
+def test_polyak_update_moves_a_fraction_tau():
+    target, online = [torch.zeros(3)], [torch.ones(3)]
+    polyak_update(target, online, 0.25)
+    assert torch.allclose(target[0], torch.full((3,), 0.25))
