@@ -109,7 +109,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class WarmstartConfig:
-    steps: int = field(default=40, metadata=_range(0, 100000))
+    steps: int = field(default=24, metadata=_range(0, 100000))
     """Supervised steps on the synthetic corpus; 0 for a model that already writes runnable code."""
     lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
     batch_size: int = field(default=8, metadata=_range(1, 4096))

@@ -1,0 +1,61 @@
+"""Sampling throughput on the CPU: batched generation vs one sequence at a time, and peak memory.
+
+    python bench/sampling.py MODEL_DIR [--sequences 8] [--tokens 96]
+
+Generates `--sequences` completions of exactly `--tokens` tokens (the stop rule is switched off
+by a huge max and EOS suppressed, so both modes do identical work) for the balance-scale prompt,
+once as one batch and once one sequence at a time; reports tokens/s and the ratio, and the peak
+resident memory of this process (ru_maxrss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from pipeline.models.base import load_base
+from pipeline.tasks.prompts import completion_prompt, state_source
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], tokens: int) -> float:
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    model.generate(
+        **encoded,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args()
+    model, tokenizer = load_base(args.model)
+    model.eval()
+    prompt = completion_prompt(state_source("Balance Scale Weight & Distance", (625, 4)))
+    generate(model, tokenizer, [prompt], 4)  # warm-up
+    total = args.sequences * args.tokens
+    batched = generate(model, tokenizer, [prompt] * args.sequences, args.tokens)
+    single = sum(generate(model, tokenizer, [prompt], args.tokens) for _ in range(args.sequences))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"| {args.model} | {args.sequences} x {args.tokens} | {total / batched:.1f} | {total / single:.1f} "
+        f"| {single / batched:.1f}x | {peak_mb:.0f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
