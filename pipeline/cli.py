@@ -174,6 +174,71 @@ def execute(
 
 @app.command()
 @friendly
+def init(
+    out: Annotated[Path, typer.Option(help="The folder of iteration 000.")] = Path("data/iterations/000"),
+    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Iteration 000: fresh adapters, no open episodes, no metrics."""
+    from pipeline.stages import init as stage
+
+    stage.run(load_config(params), base, out)
+    typer.echo(f"init: fresh adapters -> {out}")
+
+
+@app.command()
+@friendly
+def targets(
+    executed: Annotated[Path, typer.Argument(help="Executed trajectories of iteration k.")],
+    out: Annotated[Path, typer.Option(help="The trajectories-with-targets file to write.")],
+    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Per-token soft Bellman targets and diagnostics (DESIGN §1, §4)."""
+    from pipeline.stages import targets as stage
+
+    rows = stage.run(load_config(params), executed, base, out, adapters)
+    typer.echo(f"targets: {sum(len(r['completion_ids']) for r in rows)} tokens -> {out}")
+
+
+@app.command()
+@friendly
+def train(
+    iteration: Annotated[int, typer.Option(min=1, help="The iteration k.")],
+    targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
+    out: Annotated[Path, typer.Option(help="Where the adapters of iteration k go.")],
+    logs: Annotated[Path, typer.Option(help="DVCLive folder for per-step training metrics.")],
+    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """ETPO updates: critic (Huber to targets), policy (KL projection), Polyak target."""
+    from pipeline.stages import train as stage
+
+    steps = stage.run(load_config(params), iteration, targets_file, base, out, logs, adapters)
+    typer.echo(f"train@{iteration}: {steps} steps -> {out}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
+    adapters: Annotated[Path, typer.Option(help="Adapters of iteration k.")],
+    out: Annotated[Path, typer.Option(help="DVCLive folder for the metrics.")],
+    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    previous: Annotated[Optional[Path], typer.Option(help="metrics.json of iteration k-1.")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Mean reward, success rate, best so far per task, episode length, KL, perplexity."""
+    from pipeline.stages import evaluate as stage
+
+    metrics = stage.run(load_config(params), targets_file, base, adapters, out, previous)
+    typer.echo(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+
+
+@app.command()
+@friendly
 def inspect(
     file: Annotated[Path, typer.Argument(help="A trajectories Parquet file.")],
     rows: Annotated[int, typer.Option(help="How many rows to show.")] = 10,

@@ -118,6 +118,41 @@ class WarmstartConfig:
 
 
 @dataclass(frozen=True)
+class EtpoConfig:
+    beta: float = field(default=0.1, metadata=_range(1e-4, 100.0))
+    """KL weight: the temperature of pi_star ∝ rho exp(Q / beta)."""
+    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    """Discount across environment steps (never inside an action)."""
+    lam: float = field(default=0.0, metadata={**_range(0.0, 1.0), "key": "lambda"})
+    """lambda-return mixing (`lambda` in params.yaml); 0 is the paper's one-step target."""
+    parametrisation: Literal["residual", "paper"] = "residual"
+    """`residual`: Q = beta (z_critic - z_rho), zero at initialisation; `paper`: Q = z_critic."""
+    huber_delta: float = field(default=1.0, metadata=_range(1e-6, 1e6))
+    tau: float = field(default=0.05, metadata=_range(0.0, 1.0))
+    """Polyak rate of the target critic, applied after every optimiser step."""
+    chunk: int = field(default=64, metadata=_range(1, 1 << 20))
+    """Positions reduced at once over the vocabulary (memory: chunk x vocab per tensor)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=1, metadata=_range(1, 1000))
+    minibatch_size: int = field(default=4, metadata=_range(1, 4096))
+    policy_lr: float = field(default=1e-4, metadata=_range(0.0, 1.0))
+    critic_lr: float = field(default=1e-4, metadata=_range(0.0, 1.0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0, 1e6))
+    """Max global grad norm per adapter; 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class IterationEntry:
+    """One unrolled RL iteration of dvc.yaml's `foreach` (DVC has no arithmetic in templates)."""
+
+    k: int = field(metadata=_range(1, 999))
+    prev: str
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
     """Root of every random stream: (seed, iteration, stage)."""
@@ -128,6 +163,10 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    etpo: EtpoConfig = field(default_factory=EtpoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    iterations: dict[str, IterationEntry] = field(default_factory=dict)
+    """"NNN": {k: N, prev: "N-1"} for k = 1..K, consecutive; add an entry to run one more."""
 
 
 def _type_name(tp: Any) -> str:
@@ -158,6 +197,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
@@ -180,19 +224,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    by_key = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}  # yaml key -> field
+    unknown = sorted(set(data) - set(by_key))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed here: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed here: {', '.join(sorted(by_key))}")
     kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        converted = _convert(value, hints[name], key)
-        lo, hi = fields[name].metadata.get("range", (None, None))
+    for yaml_key, value in data.items():
+        f = by_key[yaml_key]
+        key = f"{prefix}.{yaml_key}" if prefix else yaml_key
+        converted = _convert(value, hints[f.name], key)
+        lo, hi = f.metadata.get("range", (None, None))
         if (lo is not None and converted < lo) or (hi is not None and converted > hi):
             raise ConfigError(f"{key}: {converted!r} is out of range [{lo}, {hi}]")
-        kwargs[name] = converted
+        kwargs[f.name] = converted
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field (e.g. of a custom task) is missing
@@ -212,7 +257,17 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     config = _build(Config, data)
     _check_tasks(config.tasks)
+    _check_iterations(config.iterations)
     return config
+
+
+def _check_iterations(iterations: dict[str, IterationEntry]) -> None:
+    for i, (name, entry) in enumerate(iterations.items(), start=1):
+        expected = (f"{i:03d}", i, f"{i - 1:03d}")
+        if (name, entry.k, entry.prev) != expected:
+            raise ConfigError(
+                f'iterations.{name}: expected entry {i} to be "{expected[0]}": {{k: {i}, prev: "{expected[2]}"}}'
+            )
 
 
 def _check_tasks(tasks: TasksConfig) -> None:

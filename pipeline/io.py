@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
@@ -130,5 +145,5 @@ def _check_lengths(table: pa.Table, where: str) -> None:
     for name in PER_TOKEN:
         if name in table.schema.names:
             other = pc.list_value_length(table[name])
-            if not pc.all(pc.equal(lengths, other)).as_py():
+            if table.num_rows and not pc.all(pc.equal(lengths, other)).as_py():
                 raise TrajectoryError(f"{where}: column {name!r} is not as long as completion_ids")

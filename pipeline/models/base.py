@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
@@ -29,6 +28,7 @@ from transformers import (  # noqa: E402
 
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.errors import ModelError  # noqa: E402
+from pipeline.io import atomic_dir  # noqa: E402
 
 
 def embedded_gguf() -> Path:
@@ -96,13 +96,9 @@ def materialise(config: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTra
 
 def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """Save as safetensors + tokenizer; written beside `out` and renamed, so never half-written."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from pipeline.config import Config
-from pipeline.io import write_json
+from pipeline.io import atomic_dir, write_json
 from pipeline.models.base import load_base, save_base
 from pipeline.models.warmstart import warm_start
 from pipeline.stages.common import MODEL_INFO
@@ -21,11 +21,8 @@ def run(config: Config, base_dir: Path, out: Path) -> dict:
     started = time.perf_counter()
     losses: list[float] = []
     if config.warmstart.steps == 0:
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base_dir, tmp, copy_function=_link_or_copy)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(base_dir, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
     else:
         model, tokenizer = load_base(base_dir, config.model.device)
         with Progress() as progress:

@@ -1,0 +1,70 @@
+"""Logits of the policy, the reference, the critic and the target critic over action tokens.
+
+All four are the same base with a different LoRA adapter active (or none, for the reference),
+so one helper switches adapters and slices the positions that predict the completion.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+
+from pipeline.models.adapters import reference
+
+
+@dataclass(frozen=True)
+class ActionBatch:
+    """Right-padded prompt + completion sequences and where each completion sits."""
+
+    input_ids: Tensor  # (B, L)
+    attention_mask: Tensor  # (B, L)
+    positions: Tensor  # (B, T) index of the logits that predict completion token j (clamped)
+    taken: Tensor  # (B, T) completion token ids, 0 past the end
+    mask: Tensor  # (B, T) 1 on valid completion tokens
+
+    @classmethod
+    def build(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> ActionBatch:
+        B = len(prompts)
+        L = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        T = max(len(c) for c in completions)
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        positions = torch.zeros((B, T), dtype=torch.long)
+        taken = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.zeros((B, T))
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            seq = p + c
+            input_ids[b, : len(seq)] = torch.tensor(seq)
+            attention[b, : len(seq)] = 1
+            positions[b, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            taken[b, : len(c)] = torch.tensor(c)
+            mask[b, : len(c)] = 1.0
+        return cls(input_ids, attention, positions, taken, mask)
+
+    def to(self, device: torch.device) -> ActionBatch:
+        return ActionBatch(
+            *(
+                t.to(device)
+                for t in (self.input_ids, self.attention_mask, self.positions, self.taken, self.mask)
+            )
+        )
+
+
+def action_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
+    """(B, T, V) logits predicting each completion token, with `adapter` active (None: reference)."""
+    if adapter is not None:
+        model.set_adapter(adapter)
+    with reference(model) if adapter is None else nullcontext():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
+    index = batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index)  # (B, T, V)
+
+
+def last_position_logits(model: PeftModel, prompt_ids: list[int], adapter: str | None) -> Tensor:
+    """(1, 1, V) logits at the end of a prompt: the first decision of the next state."""
+    batch = ActionBatch.build([prompt_ids], [[0]], 0)  # a dummy next token; causal, so it is unseen
+    return action_logits(model, batch, adapter)

@@ -1,0 +1,26 @@
+"""init: iteration 000, so every iteration k >= 1 has the same inputs (adapters, episodes, metrics of k-1).
+
+Fresh adapters (LoRA B = 0: policy = reference, residual Q = 0), no open episodes, no metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.io import atomic_dir, write_json, write_trajectories
+from pipeline.models.adapters import attach_adapters, save_adapters
+from pipeline.models.base import load_base
+from pipeline.stages.common import artifact_metadata
+
+
+def run(config: Config, base_dir: Path, out: Path) -> None:
+    model, _ = load_base(base_dir, config.model.device)
+    torch.manual_seed(config.seed)  # LoRA A matrices are random; make them reproducible
+    model = attach_adapters(model, config.lora)
+    with atomic_dir(out / "adapters") as tmp:
+        save_adapters(model, tmp)
+    write_trajectories(out / "executed.parquet", [], "executed", artifact_metadata(config, base_dir))
+    write_json(out / "metrics" / "metrics.json", {})
