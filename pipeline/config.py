@@ -265,9 +265,8 @@ def _check_iterations(iterations: dict[str, IterationEntry]) -> None:
     for i, (name, entry) in enumerate(iterations.items(), start=1):
         expected = (f"{i:03d}", i, f"{i - 1:03d}")
         if (name, entry.k, entry.prev) != expected:
-            raise ConfigError(
-                f'iterations.{name}: expected entry {i} to be "{expected[0]}": {{k: {i}, prev: "{expected[2]}"}}'
-            )
+            want = f'"{expected[0]}": {{k: {i}, prev: "{expected[2]}"}}'
+            raise ConfigError(f"iterations.{name}: entry {i} must be {want} (consecutive from 001)")
 
 
 def _check_tasks(tasks: TasksConfig) -> None:

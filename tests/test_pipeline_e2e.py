@@ -1,0 +1,93 @@
+"""dvc repro of the whole chain on the tiny preset (2 iterations, 2 tasks) in a temporary git copy."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+def tiny_params(text: str) -> str:
+    params = yaml.safe_load(text)
+    params["tasks"]["names"] = ["iris", "balance-scale"]
+    params["model"]["preset"] = "tiny"
+    params["warmstart"]["steps"] = 0
+    params["sampling"].update(samples_per_state=2, max_new_tokens=16)
+    params["iterations"] = {k: v for k, v in params["iterations"].items() if k in ("001", "002")}
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    (copy / "params.yaml").write_text(tiny_params((REPO / "params.yaml").read_text()))
+    dvc_yaml = yaml.safe_load((copy / "dvc.yaml").read_text())
+    dvc_yaml["artifacts"] = {k: v for k, v in dvc_yaml["artifacts"].items() if k != "adapters-003"}
+    (copy / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    run(["git", "init", "-q"], copy)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], copy)
+    run(["git", "add", "-A"], copy)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], copy)
+    run(["dvc", "repro"], copy)
+    return copy
+
+
+def test_every_stage_output_exists(repo_copy):
+    for path in [
+        "data/tasks/index.json",
+        "data/models/base/model.safetensors",
+        "data/models/warm/config.json",
+        "data/iterations/000/adapters/policy/adapter_config.json",
+    ]:
+        assert (repo_copy / path).exists(), path
+    for k in ("001", "002"):
+        for name in (
+            "trajectories.parquet",
+            "executed.parquet",
+            "targets.parquet",
+            "adapters/critic/adapter_model.safetensors",
+            "metrics/metrics.json",
+            "train/metrics.json",
+        ):
+            assert (repo_copy / "data/iterations" / k / name).exists(), (k, name)
+
+
+def test_exp_show_has_the_metrics(repo_copy):
+    shown = json.loads(
+        run(["dvc", "exp", "show", "--json"], repo_copy).strip().splitlines()[-1]
+        if False
+        else run(["dvc", "exp", "show", "--json"], repo_copy)
+    )
+    text = json.dumps(shown)
+    assert "data/iterations/002/metrics/metrics.json" in text and "success_rate" in text
+    assert '"beta": 0.1' in text  # params are shown too
+
+
+def test_second_repro_is_a_no_op(repo_copy):
+    out = run(["dvc", "repro"], repo_copy)
+    assert "Running stage" not in out and "up to date" in out
+
+
+def test_exp_run_with_a_changed_param_reruns_only_what_depends_on_it(repo_copy):
+    out = run(["dvc", "exp", "run", "-S", "etpo.beta=0.05"], repo_copy)
+    assert "Running stage 'targets@001'" in out and "Running stage 'train@001'" in out
+    for unchanged in ("prepare", "bootstrap", "warmstart", "init", "sample@001", "execute@001"):
+        assert f"Running stage '{unchanged}'" not in out, unchanged
