@@ -45,9 +45,15 @@ def critic_loss(
 def optimal_policy_logits(
     z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation
 ) -> Tensor:
-    """Unnormalised log pi_star = log rho + Q / beta: (..., V). With `residual`, softmax(z_critic)."""
-    q = q_values(z_critic, z_rho, beta, parametrisation)
-    return z_rho.log_softmax(-1) + q / beta
+    """Unnormalised log pi_star = log rho + Q / beta: (..., V).
+
+    With `residual`, log rho + Q / beta = z_critic - logsumexp(z_rho), so pi_star = softmax(z_critic)
+    exactly; we return z_critic itself, so an untrained critic gives pi_star == rho bit for bit
+    (a rounded log_softmax of a log_softmax would leave ~1e-7 gradients that Adam amplifies).
+    """
+    if parametrisation == "residual":
+        return z_critic
+    return z_rho.log_softmax(-1) + q_values(z_critic, z_rho, beta, parametrisation) / beta
 
 
 def policy_loss(
@@ -62,12 +68,16 @@ def policy_loss(
 
     Unlike the reference code's `beta * log_softmax - Q` (which never sees Q's ranking of tokens
     through pi), the gradient moves pi toward tokens with higher Q relative to rho.
+    grad KL = sum_w grad pi(w) [log pi(w) - log pi_star(w)] + grad sum_w pi(w), and the last term
+    is 0 since pi sums to 1; we drop it by detaching the log-ratio. The value is unchanged, and
+    the gradient is exactly 0 when pi == pi_star (instead of rounding noise Adam would amplify).
     """
     logp_pi = z_pi.float().log_softmax(-1)
     logp_star = optimal_policy_logits(
         z_critic.detach().float(), z_rho.detach().float(), beta, parametrisation
     )
-    kl = (logp_pi.exp() * (logp_pi - logp_star.log_softmax(-1))).sum(-1)
+    log_ratio = (logp_pi - logp_star.log_softmax(-1)).detach()
+    kl = (logp_pi.exp() * log_ratio).sum(-1)
     return masked_mean(kl, mask)
 
 

@@ -1,0 +1,61 @@
+"""The train stage's update on the tiny preset."""
+
+import torch
+
+from pipeline.config import EtpoConfig, LoraConfig, TrainConfig
+from pipeline.etpo.train import adapter_parameters, train_etpo
+from pipeline.models.adapters import attach_adapters
+from pipeline.models.base import load_base
+
+
+def rows_for(tokenizer, rewards):
+    prompt = tokenizer("def build_model(x, y):\n", add_special_tokens=False)["input_ids"]
+    bodies = ["    model = 1\n", "    return model\n"]
+    rows = []
+    for body, reward in zip(bodies, rewards, strict=True):
+        ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+        rows.append(
+            {"prompt_ids": prompt, "completion_ids": ids, "q_target": [0.0] * (len(ids) - 1) + [reward]}
+        )
+    return rows
+
+
+def policy_logits(model, tokenizer):
+    ids = tokenizer("def build_model(x, y):\n    model", return_tensors="pt", add_special_tokens=False)
+    model.set_adapter("policy")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_untrained_residual_critic_leaves_the_policy_unchanged(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, LoraConfig(rank=4))
+    before = policy_logits(model, tokenizer)
+    train = TrainConfig(epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
+    train_etpo(model, rows_for(tokenizer, [1.0, -1.0]), tokenizer.pad_token_id, EtpoConfig(), train, seed=0)
+    assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
+
+
+def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, LoraConfig(rank=4))
+    before = policy_logits(model, tokenizer)
+    logged = []
+    train = TrainConfig(epochs=3, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-2)
+    steps = train_etpo(
+        model,
+        rows_for(tokenizer, [1.0, -1.0]),
+        tokenizer.pad_token_id,
+        EtpoConfig(tau=0.5),
+        train,
+        seed=0,
+        log=logged.append,
+    )
+    assert steps == 3 and len(logged) == 3 and {"train/critic_loss", "train/policy_loss"} <= set(logged[0])
+    assert not torch.allclose(policy_logits(model, tokenizer), before, atol=1e-4)
+    critic, target = adapter_parameters(model, "critic"), adapter_parameters(model, "target")
+    assert len(critic) == len(target) > 0
+    moved = sum((t - c).abs().sum() for t, c in zip(target, critic, strict=True))
+    assert 0 < moved < sum(c.abs().sum() for c in critic)  # the target trails the critic
