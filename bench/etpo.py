@@ -1,0 +1,171 @@
+"""ETPO benchmarks: vectorised targets vs a per-token loop, memory per trajectory, update cost.
+
+    python bench/etpo.py [MODEL_DIR]     # MODEL_DIR for the update-time comparison (e.g. SmolLM2)
+
+1. `q_targets` (one matrix product) vs the same recursion as a Python loop over tokens, and the
+   chunked `token_stats` vs one position at a time; 8 actions of 256 tokens, vocabulary 49,152.
+2. Bytes kept per trajectory (5 float32 per token) vs the reference code's stored logits of
+   three models (3 x T x V float32), and the largest temporary of the chunked reduction.
+3. One ETPO update (reference, critic and policy passes; two backward passes) vs one supervised
+   step (one forward + backward) on the same 4 x 256-token minibatch, seconds per token.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+
+from pipeline.config import EtpoConfig, LoraConfig, TrainConfig
+from pipeline.etpo.bellman import q_targets, token_stats
+
+B, T, V, CHUNK = 8, 256, 49152, 64
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()
+    began = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - began) / repeat
+
+
+def loop_q_targets(values, logratio, lengths, reward, done, boot, gamma, beta, lam):
+    y = torch.zeros_like(values)
+    for b in range(values.shape[0]):
+        n = int(lengths[b])
+        y[b, n - 1] = reward[b] + gamma * (1 - float(done[b])) * boot[b]
+        for j in range(n - 2, -1, -1):
+            y[b, j] = (1 - lam) * values[b, j + 1] + lam * (y[b, j + 1] - beta * logratio[b, j + 1])
+    return y
+
+
+def loop_token_stats(z_pi, z_rho, z_target, taken, beta):
+    """One position at a time (what a per-token implementation does)."""
+    out = []
+    for b in range(z_pi.shape[0]):
+        for j in range(z_pi.shape[1]):
+            s = token_stats(
+                z_pi[b : b + 1, j : j + 1],
+                z_rho[b : b + 1, j : j + 1],
+                z_target[b : b + 1, j : j + 1],
+                taken[b : b + 1, j : j + 1],
+                beta,
+                "residual",
+            )
+            out.append(s.soft_value)
+    return out
+
+
+def targets_bench() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values, logratio = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    lengths, reward = torch.full((B,), T), torch.rand(B, generator=gen)
+    done, boot = torch.zeros(B, dtype=torch.bool), torch.randn(B, generator=gen)
+    args = (values, logratio, lengths, reward, done, boot, 1.0, 0.1, 0.5)
+    assert torch.allclose(q_targets(*args), loop_q_targets(*args), atol=1e-4)
+    vec, loop = timed(lambda: q_targets(*args)), timed(lambda: loop_q_targets(*args), repeat=1)
+    print(
+        f"| q_targets, {B} x {T} tokens, lambda 0.5 | {vec * 1e3:.2f} ms | {loop * 1e3:.1f} ms "
+        f"| {loop / vec:.0f}x |"
+    )
+    z = [torch.randn(2, T, V, generator=gen) for _ in range(3)]
+    taken = torch.randint(0, V, (2, T), generator=gen)
+    vec = timed(lambda: token_stats(*z, taken, 0.1, "residual", CHUNK), repeat=1)
+    loop = timed(lambda: loop_token_stats(*z, taken, 0.1), repeat=1)
+    print(
+        f"| token_stats, 2 x {T} tokens x {V} vocab | {vec * 1e3:.0f} ms | {loop * 1e3:.0f} ms "
+        f"| {loop / vec:.1f}x |"
+    )
+
+
+PEAK_SCRIPT = """
+import resource, torch
+from pipeline.etpo.bellman import token_stats
+z = [torch.randn(1, {T}, {V}) for _ in range(3)]
+taken = torch.randint(0, {V}, (1, {T}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+token_stats(*z, taken, 0.1, "residual", {chunk})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def peak_mib(chunk: int) -> float:
+    """Growth of peak RSS during one trajectory's reduction, in a fresh process."""
+    code = PEAK_SCRIPT.format(T=T, V=V, chunk=chunk)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def memory_bench() -> None:
+    stored = 5 * T * 4 + 4  # q_target, q_taken, soft_value, kl_ref, entropy + bootstrap_value
+    reference = 3 * T * V * 4  # the reference code keeps three models' float32 logits
+    print(
+        f"| kept on disk per {T}-token trajectory | {stored / 1024:.1f} KiB | {reference / 2**20:.0f} MiB "
+        f"| {reference / stored:.0f}x |"
+    )
+    chunked, whole = peak_mib(CHUNK), peak_mib(T)
+    print(
+        f"| peak RSS growth of the reduction (chunk {CHUNK} vs all {T} positions at once) "
+        f"| {chunked:.0f} MiB | {whole:.0f} MiB | {whole / max(chunked, 1):.1f}x |"
+    )
+
+
+def update_bench(model_dir: str) -> None:
+    from pipeline.etpo.logits import ActionBatch
+    from pipeline.etpo.train import train_etpo
+    from pipeline.models.adapters import attach_adapters
+    from pipeline.models.base import load_base
+
+    model, tokenizer = load_base(model_dir)
+    torch.manual_seed(0)
+    peft_model = attach_adapters(model, LoraConfig())
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "prompt_ids": torch.randint(0, 1000, (96,), generator=gen).tolist(),
+            "completion_ids": torch.randint(0, 1000, (160,), generator=gen).tolist(),
+            "q_target": torch.randn(160, generator=gen).tolist(),
+        }
+        for _ in range(4)
+    ]
+    tokens = 4 * 160
+    train = TrainConfig(epochs=1, minibatch_size=4)
+    etpo_s = timed(
+        lambda: train_etpo(peft_model, rows, tokenizer.pad_token_id, EtpoConfig(), train, 0), repeat=2
+    )
+
+    peft_model.set_adapter("policy")
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], 0)
+    labels = batch.input_ids.clone()
+    labels[batch.attention_mask == 0] = -100
+
+    def supervised() -> None:
+        loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    sft_s = timed(supervised, repeat=2)
+    print(
+        f"| {model_dir}: 4 x (96 prompt + 160 completion) tokens | ETPO {etpo_s * 1e3 / tokens:.1f} ms/token "
+        f"| supervised {sft_s * 1e3 / tokens:.1f} ms/token | {etpo_s / sft_s:.2f}x |"
+    )
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print("| computation | vectorised | per-token loop | speed-up |\n|---|---|---|---|")
+    targets_bench()
+    print("\n| memory | ours | reference | ratio |\n|---|---|---|---|")
+    memory_bench()
+    if len(sys.argv) > 1:
+        print("\n| update | ETPO | supervised | ratio |\n|---|---|---|---|")
+        update_bench(sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
