@@ -291,9 +291,12 @@ def summary(
     frame = pl.concat(
         [pl.from_arrow(read_trajectories(f, "executed")) for f in files], how="diagonal_relaxed"
     )
+    first_try = pl.col("step") == 0  # fresh states: comparable across iterations
     per_iteration = (
         frame.group_by("iteration")
         .agg(
+            first_try_success=(pl.col("status") == "ok").filter(first_try).mean(),
+            first_try_reward=pl.col("reward").filter(first_try).mean(),
             actions=pl.len(),
             success_rate=(pl.col("status") == "ok").mean(),
             mean_reward=pl.col("reward").mean(),

@@ -59,8 +59,13 @@ def reward_metrics(targets: pl.DataFrame, previous_best: dict[str, float]) -> di
         "policy/kl_ref": targets["kl_ref"].explode().mean(),
         "policy/entropy": targets["entropy"].explode().mean(),
     }
+    first = targets.filter(pl.col("step") == 0)  # fresh states only: comparable across iterations
+    if first.height:
+        metrics["first_try/mean_reward"] = first["reward"].mean()
+        metrics["first_try/success_rate"] = (first["status"] == "ok").mean()
     ended = targets.filter(pl.col("done"))
-    metrics["episode/mean_length"] = (ended["step"] + 1).mean() if ended.height else float("nan")
+    if ended.height:
+        metrics["episode/mean_length"] = (ended["step"] + 1).mean()
     for task, best in targets.group_by("task").agg(pl.col("reward").max()).iter_rows():
         metrics[f"best/{task}"] = max(best, previous_best.get(task, -1.0))
     return {k: float(v) for k, v in metrics.items()}
