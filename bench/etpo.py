@@ -5,14 +5,13 @@
 1. `q_targets` (one matrix product) vs the same recursion as a Python loop over tokens, and the
    chunked `token_stats` vs one position at a time; 8 actions of 256 tokens, vocabulary 49,152.
 2. Bytes kept per trajectory (5 float32 per token) vs the reference code's stored logits of
-   three models (3 x T x V float32), and the largest temporary of the chunked reduction.
+   three models (3 x T x V float32). (Transient: one trajectory's logits while it is reduced.)
 3. One ETPO update (reference, critic and policy passes; two backward passes) vs one supervised
    step (one forward + backward) on the same 4 x 256-token minibatch, seconds per token.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
@@ -81,35 +80,12 @@ def targets_bench() -> None:
     )
 
 
-PEAK_SCRIPT = """
-import resource, torch
-from pipeline.etpo.bellman import token_stats
-z = [torch.randn(1, {T}, {V}) for _ in range(3)]
-taken = torch.randint(0, {V}, (1, {T}))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-token_stats(*z, taken, 0.1, "residual", {chunk})
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-"""
-
-
-def peak_mib(chunk: int) -> float:
-    """Growth of peak RSS during one trajectory's reduction, in a fresh process."""
-    code = PEAK_SCRIPT.format(T=T, V=V, chunk=chunk)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip())
-
-
 def memory_bench() -> None:
     stored = 5 * T * 4 + 4  # q_target, q_taken, soft_value, kl_ref, entropy + bootstrap_value
     reference = 3 * T * V * 4  # the reference code keeps three models' float32 logits
     print(
         f"| kept on disk per {T}-token trajectory | {stored / 1024:.1f} KiB | {reference / 2**20:.0f} MiB "
         f"| {reference / stored:.0f}x |"
-    )
-    chunked, whole = peak_mib(CHUNK), peak_mib(T)
-    print(
-        f"| peak RSS growth of the reduction (chunk {CHUNK} vs all {T} positions at once) "
-        f"| {chunked:.0f} MiB | {whole:.0f} MiB | {whole / max(chunked, 1):.1f}x |"
     )
 
 
