@@ -55,3 +55,20 @@ def test_cli_missing_params_file(tmp_path):
     result = CliRunner().invoke(app, ["prepare", "--params", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2
     assert "no such params file" in result.output
+
+
+def test_dvc_artifacts_follow_the_iterations():
+    """dvc.yaml cannot template its top-level artifacts: one entry per params.iterations key."""
+    import yaml
+
+    iterations = load_config(REPO / "params.yaml").iterations
+    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
+    assert set(artifacts) == {f"adapters-{k}" for k in iterations}
+    for k in iterations:
+        assert artifacts[f"adapters-{k}"]["path"] == f"data/iterations/{k}/adapters"
+
+
+def test_iterations_must_be_consecutive(tmp_path):
+    path = write(tmp_path, 'iterations: {"001": {k: 1, prev: "000"}, "003": {k: 3, prev: "002"}}')
+    with pytest.raises(ConfigError, match='iterations.003: entry 2 must be "002"'):
+        load_config(path)
