@@ -34,7 +34,6 @@ from pipeline.io import write_json
 from pipeline.sandbox import harness
 from pipeline.tasks.datasets import load_task
 
-STATUSES = ("ok", "error", "syntax", "timeout", "memory", "banned", "no_proba")
 HARNESS_PATH = Path(harness.__file__)
 HARNESS_VERSION = hashlib.sha256(HARNESS_PATH.read_bytes()).hexdigest()[:16]
 START_TIMEOUT_S = 120.0  # importing scikit-learn on a loaded 2-core machine can be slow
