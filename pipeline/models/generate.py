@@ -112,9 +112,9 @@ def sample(
     prompts: list[str],
     config: SamplingConfig,
     seed: int,
-    on_batch: Callable[[int, float], None] | None = None,
+    on_batch: Callable[[int, int, float], None] | None = None,
 ) -> list[Completion]:
-    """All prompts in batches of `config.batch_size`; `on_batch(tokens, seconds)` after each."""
+    """All prompts in batches of `config.batch_size`; `on_batch(sequences, tokens, seconds)` after each."""
     completions: list[Completion] = []
     for start in range(0, len(prompts), config.batch_size):
         began = time.perf_counter()
@@ -123,5 +123,5 @@ def sample(
         )
         completions += batch
         if on_batch:
-            on_batch(sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)
+            on_batch(len(batch), sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)
     return completions

@@ -40,11 +40,9 @@ def run(
     with Progress() as progress:
         bar = progress.add_task(f"sample@{iteration}", total=len(prompts))
 
-        def on_batch(tokens: int, seconds: float) -> None:
+        def on_batch(sequences: int, tokens: int, seconds: float) -> None:
             progress.update(
-                bar,
-                advance=min(config.sampling.batch_size, len(prompts)),
-                description=f"sample@{iteration} {tokens / seconds:.0f} tok/s",
+                bar, advance=sequences, description=f"sample@{iteration} {tokens / seconds:.0f} tok/s"
             )
 
         completions = sample(
