@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 
 class ConfigError(ValueError):
@@ -249,9 +250,9 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such params file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    try:  # YAML 1.2, as DVC writes it: `dvc exp run -S lr=0.00001` stores 1e-05, a string to YAML 1.1
+        data = YAML(typ="safe").load(path.read_text()) or {}
+    except YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -72,3 +72,9 @@ def test_iterations_must_be_consecutive(tmp_path):
     path = write(tmp_path, 'iterations: {"001": {k: 1, prev: "000"}, "003": {k: 3, prev: "002"}}')
     with pytest.raises(ConfigError, match='iterations.003: entry 2 must be "002"'):
         load_config(path)
+
+
+def test_numbers_as_dvc_writes_them_are_numbers(tmp_path):
+    """`dvc exp run -S train.critic_lr=0.00001` writes 1e-05, which YAML 1.1 reads as a string."""
+    config = load_config(write(tmp_path, "train: {critic_lr: 1e-05}\netpo: {lambda: 5e-1}"))
+    assert config.train.critic_lr == 1e-05 and config.etpo.lam == 0.5
