@@ -26,6 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 EXEC_CACHE = Path(".cache/etpo/exec")  # results of executed programs, shared by every stage
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+WarmBaseOption = Annotated[Path, typer.Option("--base", help="The (warm-started) base model.")]
+PrevAdaptersOption = Annotated[Optional[Path], typer.Option("--adapters", help="Adapters of iteration k-1.")]  # noqa: UP045
 
 
 class UsageError(Exception):
@@ -144,7 +146,7 @@ def sample(
     out: Annotated[Path, typer.Option(help="The trajectories file to write.")],
     tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
     base: Annotated[Path, typer.Option(help="The base model directory.")] = Path("data/models/base"),
-    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    adapters: PrevAdaptersOption = None,
     previous: Annotated[Optional[Path], typer.Option(help="Executed trajectories of k-1.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -176,7 +178,7 @@ def execute(
 @friendly
 def init(
     out: Annotated[Path, typer.Option(help="The folder of iteration 000.")] = Path("data/iterations/000"),
-    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    base: WarmBaseOption = Path("data/models/warm"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Iteration 000: fresh adapters, no open episodes, no metrics."""
@@ -191,8 +193,8 @@ def init(
 def targets(
     executed: Annotated[Path, typer.Argument(help="Executed trajectories of iteration k.")],
     out: Annotated[Path, typer.Option(help="The trajectories-with-targets file to write.")],
-    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
-    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    base: WarmBaseOption = Path("data/models/warm"),
+    adapters: PrevAdaptersOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Per-token soft Bellman targets and diagnostics (DESIGN §1, §4)."""
@@ -209,8 +211,8 @@ def train(
     targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
     out: Annotated[Path, typer.Option(help="Where the adapters of iteration k go.")],
     logs: Annotated[Path, typer.Option(help="DVCLive folder for per-step training metrics.")],
-    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
-    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k-1.")] = None,  # noqa: UP045
+    base: WarmBaseOption = Path("data/models/warm"),
+    adapters: PrevAdaptersOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """ETPO updates: critic (Huber to targets), policy (KL projection), Polyak target."""
@@ -226,7 +228,7 @@ def evaluate(
     targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
     adapters: Annotated[Path, typer.Option(help="Adapters of iteration k.")],
     out: Annotated[Path, typer.Option(help="DVCLive folder for the metrics.")],
-    base: Annotated[Path, typer.Option(help="The (warm-started) base model.")] = Path("data/models/warm"),
+    base: WarmBaseOption = Path("data/models/warm"),
     previous: Annotated[Optional[Path], typer.Option(help="metrics.json of iteration k-1.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
 ) -> None:

@@ -19,14 +19,19 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def model_id(base_dir: str | Path) -> str:
+    """The id bootstrap (or warmstart) recorded beside the weights; the folder if none was."""
+    info = Path(base_dir) / MODEL_INFO
+    return json.loads(info.read_text())["model_id"] if info.exists() else str(base_dir)
+
+
 def artifact_metadata(config: Config, base_dir: str | Path) -> dict[str, Any]:
     """Model id, tokenizer hash, params hash, code and package versions, the resolved config."""
     base_dir = Path(base_dir)
-    info = json.loads((base_dir / MODEL_INFO).read_text()) if (base_dir / MODEL_INFO).exists() else {}
     tokenizer = base_dir / "tokenizer.json"
     tokenizer_hash = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16] if tokenizer.exists() else ""
     return {
-        "model_id": info.get("model_id", str(base_dir)),
+        "model_id": model_id(base_dir),
         "tokenizer_hash": tokenizer_hash,
         "params_hash": config_hash(config),
         "code_version": pipeline.__version__,

@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.base import load_base, save_base
 from pipeline.models.warmstart import warm_start
-from pipeline.stages.common import MODEL_INFO
+from pipeline.stages.common import MODEL_INFO, model_id
 
 
 def run(config: Config, base_dir: Path, out: Path) -> dict:
@@ -36,20 +36,13 @@ def run(config: Config, base_dir: Path, out: Path) -> dict:
         tokenizer.padding_side = "right"  # as saved by bootstrap; load_base sets left for sampling
         save_base(merged, tokenizer, out)
     info = {
-        "model_id": f"warm:{_model_id(base_dir)}",
+        "model_id": f"warm:{model_id(base_dir)}",
         "steps": config.warmstart.steps,
         "seconds": round(time.perf_counter() - started, 1),
         "losses": [round(x, 4) for x in losses],
     }
     write_json(out / MODEL_INFO, info)
     return info
-
-
-def _model_id(base_dir: Path) -> str:
-    import json
-
-    path = base_dir / MODEL_INFO
-    return json.loads(path.read_text())["model_id"] if path.exists() else str(base_dir)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
