@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import ExecutorConfig
 from pipeline.sandbox.executor import Executor
 from pipeline.tasks.datasets import build_tasks, save_tasks
@@ -35,3 +37,25 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "base"
     bootstrap.run(Config(model=ModelConfig(preset="tiny")), out)
     return out
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Path:
+    """params.yaml on the tiny preset, with short bodies and 2 samples per state."""
+    text = (REPO / "params.yaml").read_text()
+    for old, new in [
+        ("preset: smollm2", "preset: tiny"),
+        ("samples_per_state: 4", "samples_per_state: 2"),
+        ("max_new_tokens: 160", "max_new_tokens: 24"),
+    ]:
+        text = text.replace(old, new)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def invoke(*args: object) -> str:
+    """Run the CLI in-process; fail the test with its output unless it exits 0."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -6,25 +6,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import Config, ModelConfig, SamplingConfig
 from pipeline.io import read_trajectories
-from tests.conftest import REPO
-
-
-@pytest.fixture
-def params(tmp_path):
-    text = (REPO / "params.yaml").read_text()
-    text = text.replace("preset: smollm2", "preset: tiny").replace(
-        "samples_per_state: 4", "samples_per_state: 2"
-    )
-    text = text.replace("max_new_tokens: 160", "max_new_tokens: 24")
-    path = tmp_path / "params.yaml"
-    path.write_text(text)
-    return path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
+from tests.conftest import invoke
 
 
 def test_sample_execute_and_continue_episodes(params, tasks_dir, tiny_base, tmp_path):

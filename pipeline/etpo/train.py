@@ -19,6 +19,7 @@ from pipeline.config import EtpoConfig, TrainConfig
 from pipeline.etpo.bellman import entropy, kl_to_reference
 from pipeline.etpo.logits import ActionBatch, action_logits
 from pipeline.etpo.losses import critic_loss, masked_mean, policy_loss, polyak_update
+from pipeline.parallel import DataParallel
 
 
 def adapter_parameters(model: PeftModel, name: str) -> list[torch.nn.Parameter]:
@@ -34,23 +35,30 @@ def train_etpo(
     train: TrainConfig,
     seed: int,
     log: Callable[[dict[str, float]], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> int:
-    """Update the policy, critic and target adapters of `model` in place; returns optimiser steps."""
+    """Update the policy, critic and target adapters of `model` in place; returns optimiser steps.
+
+    Under a multi-process launch each process takes its shard of every minibatch (see
+    `pipeline.parallel`); the updates are those of one process on the whole minibatch.
+    """
     # peft's set_adapter (inside action_logits) makes exactly the active adapter trainable
     policy, critic, target = (adapter_parameters(model, n) for n in ("policy", "critic", "target"))
     opt_pi = torch.optim.AdamW(policy, lr=train.policy_lr)
     opt_q = torch.optim.AdamW(critic, lr=train.critic_lr)
     device = policy[0].device
+    parallel = parallel or DataParallel(device)
     order = random.Random(seed)
     steps = 0
     model.train()
     for _ in range(train.epochs):
         shuffled = order.sample(rows, len(rows))
         for start in range(0, len(shuffled), train.minibatch_size):
-            chunk = shuffled[start : start + train.minibatch_size]
+            chunk, counts = parallel.shard(shuffled[start : start + train.minibatch_size])
             batch = ActionBatch.build(
                 [r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk], pad_id
             ).to(device)
+            share = parallel.share(batch.mask.sum(), counts)  # of the minibatch's tokens
             y = torch.zeros_like(batch.mask)  # (B, T) targets, 0 past each action
             for b, r in enumerate(chunk):
                 y[b, : len(r["q_target"])] = torch.tensor(r["q_target"])
@@ -61,40 +69,41 @@ def train_etpo(
             loss_q = critic_loss(
                 z_critic, z_rho, batch.taken, y, batch.mask, etpo.beta, etpo.huber_delta, etpo.parametrisation
             )
-            opt_q.zero_grad(set_to_none=True)
-            loss_q.backward()
-            grad_q = _clip(critic, train.grad_clip)
-            opt_q.step()
+            grad_q = _step(opt_q, critic, loss_q * share, parallel, train.grad_clip)
 
             z_pi = action_logits(model, batch, "policy")
             loss_pi = policy_loss(z_pi, z_rho, z_critic.detach(), batch.mask, etpo.beta, etpo.parametrisation)
-            opt_pi.zero_grad(set_to_none=True)
-            loss_pi.backward()
-            grad_pi = _clip(policy, train.grad_clip)
-            opt_pi.step()
+            grad_pi = _step(opt_pi, policy, loss_pi * share, parallel, train.grad_clip)
 
             polyak_update(target, [p.detach() for p in critic], etpo.tau)
             steps += 1
-            if log:
-                with torch.no_grad():
-                    logp_pi, logp_rho = z_pi.float().log_softmax(-1), z_rho.float().log_softmax(-1)
-                    log(
-                        {
-                            "train/critic_loss": loss_q.item(),
-                            "train/policy_loss": loss_pi.item(),
-                            "train/kl_ref": masked_mean(
-                                kl_to_reference(logp_pi, logp_rho), batch.mask
-                            ).item(),
-                            "train/entropy": masked_mean(entropy(logp_pi), batch.mask).item(),
-                            "train/grad_norm_critic": grad_q,
-                            "train/grad_norm_policy": grad_pi,
-                        }
-                    )
+            with torch.no_grad():
+                logp_pi, logp_rho = z_pi.float().log_softmax(-1), z_rho.float().log_softmax(-1)
+                means = {  # over this shard; weighted by its share and summed: over the minibatch
+                    "train/critic_loss": loss_q,
+                    "train/policy_loss": loss_pi,
+                    "train/kl_ref": masked_mean(kl_to_reference(logp_pi, logp_rho), batch.mask),
+                    "train/entropy": masked_mean(entropy(logp_pi), batch.mask),
+                }
+                metrics = {k: parallel.sum(v * share).item() for k, v in means.items()}
+            if log and parallel.is_main:
+                log(metrics | {"train/grad_norm_critic": grad_q, "train/grad_norm_policy": grad_pi})
     model.eval()
     return steps
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global grad norm (if max_norm > 0); return the norm before clipping."""
+def _step(
+    optimiser: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loss: torch.Tensor,
+    parallel: DataParallel,
+    max_norm: float,
+) -> float:
+    """One optimiser step on `loss`: gradients summed over processes, then the global norm clipped
+    (if max_norm > 0). Returns the norm before clipping."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    parallel.sum_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    optimiser.step()
     return float(norm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from dvclive import Live
@@ -10,7 +11,9 @@ from pipeline.config import Config
 from pipeline.etpo.train import train_etpo
 from pipeline.io import atomic_dir, read_trajectories
 from pipeline.models.adapters import save_adapters
+from pipeline.models.base import resolve_device
 from pipeline.models.generate import stream_seed
+from pipeline.parallel import DataParallel
 from pipeline.stages.targets import load_model
 
 
@@ -24,10 +27,13 @@ def run(
     adapters: Path | None = None,
 ) -> int:
     rows = read_trajectories(targets, "targets").to_pylist()
+    parallel = DataParallel(resolve_device(config.model.device))
     model, tokenizer = load_model(config, base_dir, adapters, trainable=True)
-    with Live(dir=str(logs), dvcyaml=None, save_dvc_exp=False) as live:
+    model.to(parallel.device)  # one device per process under a multi-process launch
+    live = Live(dir=str(logs), dvcyaml=None, save_dvc_exp=False) if parallel.is_main else nullcontext()
+    with live:
 
-        def log(metrics: dict[str, float]) -> None:
+        def log(metrics: dict[str, float]) -> None:  # called on the main process only
             for name, value in metrics.items():
                 live.log_metric(name, value)
             live.next_step()
@@ -40,7 +46,10 @@ def run(
             config.train,
             stream_seed(config.seed, iteration, "train"),
             log,
+            parallel,
         )
-    with atomic_dir(out) as tmp:
-        save_adapters(model, tmp)
+    if parallel.is_main:  # every process holds the same adapters
+        with atomic_dir(out) as tmp:
+            save_adapters(model, tmp)
+    parallel.wait()
     return steps

@@ -1,0 +1,69 @@
+"""Data parallelism for the update stages: each process takes a shard of every minibatch.
+
+Launch any update stage as usual, or data-parallel with
+    accelerate launch --multi_gpu --num_processes 2 -m pipeline.cli train ...   (or torchrun)
+(on a CPU too: accelerate's `--cpu` flag starts a single process unless MPI is configured).
+
+Why not DDP (`accelerator.prepare(model)`): one backbone carries the policy, critic and target
+adapters, and peft's `set_adapter` changes which of them requires grad between the critic and the
+policy step; DDP fixes the set of gradient-carrying parameters when it wraps the model. Instead we
+sum the adapter gradients across processes explicitly, once per optimiser step.
+
+Why it is exact: every process scales its loss (a token mean over its shard) by its shard's share
+of the minibatch's tokens, so the summed gradient is the gradient of the token mean over the whole
+minibatch, as in one process. All processes then clip and step identically from identical
+weights, so the adapters stay equal with no broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+
+class DataParallel:
+    """The process group as seen by one update loop (a no-op in a single process)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def shard(self, minibatch: list[dict]) -> tuple[list[dict], bool]:
+        """This process's rows of a minibatch, and whether they count.
+
+        A process left without rows (a minibatch smaller than the world) borrows the first row
+        and gives it weight 0, so every process runs the same collectives.
+        """
+        mine = minibatch[self.accelerator.process_index :: self.world]
+        return (mine, True) if mine else (minibatch[:1], False)
+
+    def share(self, local_tokens: torch.Tensor, counts: bool) -> torch.Tensor:
+        """This shard's fraction of the minibatch's tokens: the weight of its local token mean."""
+        local = local_tokens.float() if counts else torch.zeros((), device=local_tokens.device)
+        return local / self.sum(local).clamp(min=1)
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value.detach().clone(), "sum") if self.world > 1 else value.detach()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of `params` over processes, in one flat all-reduce."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum")
+        for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p).clone()
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
