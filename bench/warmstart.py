@@ -29,13 +29,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--tasks", default="balance-scale,tic-tac-toe,breast_cancer,iris")
     args = parser.parse_args()
     names = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tasks = build_tasks(names, [])
         save_tasks(tasks, tmp)
-        config = SamplingConfig(batch_size=8, temperature=1.0, max_new_tokens=160)
+        config = SamplingConfig(batch_size=8, temperature=args.temperature, max_new_tokens=160)
         with Executor(tmp, ExecutorConfig(cache=False)) as executor:
             for path in args.models:
                 model, tokenizer = load_base(path)

@@ -111,8 +111,7 @@ def q_targets(
 
     soft_values[b, j] = V_{j+1} (0-based j), logratio_taken[b, j] = log pi/rho of w^{j+1},
     lengths (B,) = n, reward/done/bootstrap_value (B,) for the action's last token.
-    The lambda recursion y_j = a_j + lam y_{j+1} is solved as one matrix product with the
-    upper-triangular lam^(k-j) matrix: a reverse scan without a loop over tokens.
+    The lambda recursion y_j = a_j + lam y_{j+1} is one `discounted_sum`.
     """
     B, T = soft_values.shape
     pos = torch.arange(T, device=soft_values.device)
@@ -124,7 +123,18 @@ def q_targets(
     # a_j: the non-recursive part of y_j; at the last token it is the whole (terminal) target
     a = torch.where(last, terminal[:, None], (1 - lam) * v_next - lam * beta * r_next)
     a = torch.where(valid, a, torch.zeros_like(a))
+    return discounted_sum(a, lam)  # a is 0 past the action's end
+
+
+def discounted_sum(a: Tensor, factor: float) -> Tensor:
+    """y_j = sum_{k >= j} factor^(k-j) a_k along the last axis: (B, T) -> (B, T).
+
+    The recursion y_j = a_j + factor y_{j+1} as one matrix product with the upper-triangular
+    factor^(k-j) matrix: a reverse scan without a Python loop over tokens.
+    """
+    T = a.shape[-1]
+    pos = torch.arange(T, device=a.device)
     offset = pos[None, :] - pos[:, None]  # (T, T): [j, k] = k - j
-    powers = torch.full((T, T), lam, dtype=a.dtype, device=a.device).pow(offset.clamp(min=0))
-    decay = torch.where(offset >= 0, powers, 0.0)  # lam^(k-j) for k >= j; 0^0 = 1 when lam = 0
-    return a @ decay.T  # y_j = sum_{k >= j} lam^(k-j) a_k; a is 0 past the action's end
+    powers = torch.full((T, T), factor, dtype=a.dtype, device=a.device).pow(offset.clamp(min=0))
+    decay = torch.where(offset >= 0, powers, 0.0)  # factor^(k-j) for k >= j; 0^0 = 1
+    return a @ decay.T

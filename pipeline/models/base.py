@@ -60,7 +60,7 @@ def _tiny(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # so a LoRA on lm_head merges without changing the embeddings
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
