@@ -136,6 +136,28 @@ class EtpoConfig:
 
 
 @dataclass(frozen=True)
+class PpoConfig:
+    """The token-level PPO baseline (RLHF-style: reward at the last token, KL penalty per token)."""
+
+    kl_coef: float = field(default=0.05, metadata=_range(0.0, 100.0))
+    """Weight of the per-token penalty log(pi_old / rho) in the rewards."""
+    clip: float = field(default=0.2, metadata=_range(0.0, 10.0))
+    """Ratio clip of the surrogate."""
+    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    """Discount between the tokens of an action."""
+    gae_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """Group-relative REINFORCE: advantages normalised within the samples of one state."""
+
+    kl_coef: float = field(default=0.05, metadata=_range(0.0, 100.0))
+    """Weight of the KL(pi || rho) loss term (per-token k3 estimate)."""
+    clip: float = field(default=0.2, metadata=_range(0.0, 10.0))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=1, metadata=_range(1, 1000))
     minibatch_size: int = field(default=4, metadata=_range(1, 4096))
@@ -157,6 +179,8 @@ class IterationEntry:
 class Config:
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
     """Root of every random stream: (seed, iteration, stage)."""
+    algo: Literal["etpo", "ppo", "grpo", "best_of_n"] = "etpo"
+    """The update: ETPO, a baseline (same sampling, execution and evaluation), or none (best_of_n)."""
     tasks: TasksConfig = field(default_factory=TasksConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
@@ -165,6 +189,8 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
     etpo: EtpoConfig = field(default_factory=EtpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     iterations: dict[str, IterationEntry] = field(default_factory=dict)
     """"NNN": {k: N, prev: "N-1"} for k = 1..K, consecutive; add an entry to run one more."""

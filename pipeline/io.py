@@ -84,11 +84,13 @@ EXECUTED_FIELDS = SAMPLED_FIELDS + [
     pa.field("done", pa.bool_(), nullable=False),
     pa.field("next_state", pa.string(), nullable=False),  # source of the next state; "" when done
 ]
+# ETPO: q_target = soft Bellman target y_j, q_taken = Q(w_j), soft_value = V_j at the position of
+# token j, advantage = Q(w_j) - V_j. The baselines fill the same columns (pipeline.baselines.targets).
 TARGET_FIELDS = (
     EXECUTED_FIELDS
     + [
         pa.field(name, F32_LIST, nullable=False)
-        for name in ("q_target", "q_taken", "soft_value", "kl_ref", "entropy")
+        for name in ("q_target", "q_taken", "soft_value", "kl_ref", "entropy", "advantage")
     ]
     + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
 )
@@ -98,7 +100,7 @@ SCHEMAS = {
     "executed": pa.schema(EXECUTED_FIELDS),
     "targets": pa.schema(TARGET_FIELDS),
 }
-PER_TOKEN = ("behaviour_logprobs", "q_target", "q_taken", "soft_value", "kl_ref", "entropy")
+PER_TOKEN = ("behaviour_logprobs", "q_target", "q_taken", "soft_value", "kl_ref", "entropy", "advantage")
 METADATA_KEY = b"etpo"
 
 

@@ -65,5 +65,21 @@ class DataParallel:
         for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p).clone()
 
+    def step(
+        self,
+        optimiser: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        loss: torch.Tensor,
+        max_norm: float,
+    ) -> float:
+        """One optimiser step on this shard's weighted `loss`: gradients summed over processes, then
+        the global norm clipped (if max_norm > 0). Returns the norm before clipping."""
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sum_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        optimiser.step()
+        return float(norm)
+
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()

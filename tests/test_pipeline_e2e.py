@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
@@ -71,12 +72,7 @@ def test_every_stage_output_exists(repo_copy):
 
 
 def test_exp_show_has_the_metrics(repo_copy):
-    shown = json.loads(
-        run(["dvc", "exp", "show", "--json"], repo_copy).strip().splitlines()[-1]
-        if False
-        else run(["dvc", "exp", "show", "--json"], repo_copy)
-    )
-    text = json.dumps(shown)
+    text = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo_copy)))
     assert "data/iterations/002/metrics/metrics.json" in text and "success_rate" in text
     assert '"beta": 0.1' in text  # params are shown too
 
@@ -91,3 +87,20 @@ def test_exp_run_with_a_changed_param_reruns_only_what_depends_on_it(repo_copy):
     assert "Running stage 'targets@001'" in out and "Running stage 'train@001'" in out
     for unchanged in ("prepare", "bootstrap", "warmstart", "init", "sample@001", "execute@001"):
         assert f"Running stage '{unchanged}'" not in out, unchanged
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "best_of_n"])
+def test_each_baseline_runs_two_iterations(repo_copy, algo):
+    out = run(["dvc", "exp", "run", "-S", f"algo={algo}"], repo_copy)
+    for k in ("001", "002"):
+        assert f"Running stage 'train@{k}'" in out and f"Running stage 'evaluate@{k}'" in out
+        targets = pl.read_parquet(repo_copy / f"data/iterations/{k}/targets.parquet")
+        advantages = targets["advantage"].explode()
+        assert len(advantages) == targets["completion_ids"].list.len().sum()
+        if algo == "best_of_n":
+            assert (advantages == 0).all()
+        metrics = json.loads((repo_copy / f"data/iterations/{k}/metrics/metrics.json").read_text())
+        assert {"reward", "best", "perplexity"} <= set(metrics)
+    trained = repo_copy / "data/iterations/002/adapters/policy/adapter_model.safetensors"
+    start = repo_copy / "data/iterations/000/adapters/policy/adapter_model.safetensors"
+    assert (trained.read_bytes() == start.read_bytes()) == (algo == "best_of_n")

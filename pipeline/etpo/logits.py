@@ -54,14 +54,35 @@ class ActionBatch:
         )
 
 
+def per_token(rows: list[dict], key: str, batch: ActionBatch) -> Tensor:
+    """(B, T) a per-token list column of `rows` laid out like `batch.taken`, 0 past each action."""
+    out = torch.zeros_like(batch.mask)
+    for b, row in enumerate(rows):
+        out[b, : len(row[key])] = torch.tensor(row[key], dtype=out.dtype)
+    return out
+
+
 def action_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
     """(B, T, V) logits predicting each completion token, with `adapter` active (None: reference)."""
+    return _at_actions(_forward(model, batch, adapter).logits, batch)
+
+
+def action_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> Tensor:
+    """(B, T, H) last hidden states (after the final norm) where each completion token is chosen."""
+    return _at_actions(_forward(model, batch, adapter, output_hidden_states=True).hidden_states[-1], batch)
+
+
+def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs: bool):
     if adapter is not None:
         model.set_adapter(adapter)
     with reference(model) if adapter is None else nullcontext():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
-    index = batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, index)  # (B, T, V)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+
+
+def _at_actions(per_position: Tensor, batch: ActionBatch) -> Tensor:
+    """(B, L, D) -> (B, T, D): the positions that predict each completion token."""
+    index = batch.positions.unsqueeze(-1).expand(-1, -1, per_position.shape[-1])
+    return per_position.gather(1, index)
 
 
 def last_position_logits(model: PeftModel, prompt_ids: list[int], adapter: str | None) -> Tensor:

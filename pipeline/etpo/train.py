@@ -17,7 +17,7 @@ from peft import PeftModel
 
 from pipeline.config import EtpoConfig, TrainConfig
 from pipeline.etpo.bellman import entropy, kl_to_reference
-from pipeline.etpo.logits import ActionBatch, action_logits
+from pipeline.etpo.logits import ActionBatch, action_logits, per_token
 from pipeline.etpo.losses import critic_loss, masked_mean, policy_loss, polyak_update
 from pipeline.parallel import DataParallel
 
@@ -59,9 +59,7 @@ def train_etpo(
                 [r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk], pad_id
             ).to(device)
             share = parallel.share(batch.mask.sum(), counts)  # of the minibatch's tokens
-            y = torch.zeros_like(batch.mask)  # (B, T) targets, 0 past each action
-            for b, r in enumerate(chunk):
-                y[b, : len(r["q_target"])] = torch.tensor(r["q_target"])
+            y = per_token(chunk, "q_target", batch)  # (B, T) targets, 0 past each action
             with torch.no_grad():
                 z_rho = action_logits(model, batch, None)  # (B, T, V)
 
@@ -69,11 +67,11 @@ def train_etpo(
             loss_q = critic_loss(
                 z_critic, z_rho, batch.taken, y, batch.mask, etpo.beta, etpo.huber_delta, etpo.parametrisation
             )
-            grad_q = _step(opt_q, critic, loss_q * share, parallel, train.grad_clip)
+            grad_q = parallel.step(opt_q, critic, loss_q * share, train.grad_clip)
 
             z_pi = action_logits(model, batch, "policy")
             loss_pi = policy_loss(z_pi, z_rho, z_critic.detach(), batch.mask, etpo.beta, etpo.parametrisation)
-            grad_pi = _step(opt_pi, policy, loss_pi * share, parallel, train.grad_clip)
+            grad_pi = parallel.step(opt_pi, policy, loss_pi * share, train.grad_clip)
 
             polyak_update(target, [p.detach() for p in critic], etpo.tau)
             steps += 1
@@ -90,20 +88,3 @@ def train_etpo(
                 log(metrics | {"train/grad_norm_critic": grad_q, "train/grad_norm_policy": grad_pi})
     model.eval()
     return steps
-
-
-def _step(
-    optimiser: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    loss: torch.Tensor,
-    parallel: DataParallel,
-    max_norm: float,
-) -> float:
-    """One optimiser step on `loss`: gradients summed over processes, then the global norm clipped
-    (if max_norm > 0). Returns the norm before clipping."""
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    parallel.sum_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    optimiser.step()
-    return float(norm)

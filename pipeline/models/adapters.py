@@ -3,6 +3,9 @@
 The reference policy rho is the base with adapters disabled (`reference(model)`). LoRA's B matrix
 starts at zero, so every adapter starts as the identity: the policy equals rho, and the residual
 critic Q = beta * (z_critic - z_rho) is exactly zero, as DESIGN §1 requires.
+
+`model.value_head` (hidden -> 1, zero at first) reads a state value from the critic adapter's last
+hidden state: the PPO baseline's value function. ETPO does not use it.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from pipeline.config import LoraConfig
 
 ADAPTERS = ("policy", "critic", "target")
+VALUE_HEAD = "value_head.safetensors"
 
 
 def lora_config(config: LoraConfig) -> PeftLoraConfig:
@@ -35,12 +41,26 @@ def attach_adapters(base: PreTrainedModel, config: LoraConfig) -> PeftModel:
     for name in ADAPTERS[1:]:
         model.add_adapter(name, lora_config(config))
     model.set_adapter("policy")
+    return _with_value_head(model)
+
+
+def _with_value_head(model: PeftModel, state: dict[str, torch.Tensor] | None = None) -> PeftModel:
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    if state is not None:
+        head.load_state_dict(state)
+    model.value_head = head.to(next(model.parameters()).device)
     return model
 
 
 def save_adapters(model: PeftModel, out: str | Path) -> None:
     """Each adapter in its own folder under `out` (peft layout: out/<name>/adapter_*.safetensors)."""
     model.save_pretrained(str(out), selected_adapters=list(ADAPTERS))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+        Path(out) / VALUE_HEAD,
+    )
 
 
 def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool = False) -> PeftModel:
@@ -55,7 +75,8 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
     for name in ADAPTERS[1:]:
         model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
     model.set_adapter("policy")
-    return model
+    head = directory / VALUE_HEAD
+    return _with_value_head(model, load_file(head) if head.exists() else None)
 
 
 def reference(model: PeftModel) -> AbstractContextManager:

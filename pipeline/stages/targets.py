@@ -1,4 +1,5 @@
-"""targets@k: per-token soft Bellman targets and diagnostics for every executed action.
+"""targets@k: per-token soft Bellman targets and diagnostics for every executed action
+(or a baseline's advantages, `pipeline.baselines.targets`).
 
 One action at a time: three forward passes (policy, reference, target critic), reduced to
 per-token scalars in chunks of positions; only those scalars reach the disk.
@@ -12,6 +13,7 @@ import torch
 from peft import PeftModel
 from rich.progress import Progress
 
+from pipeline.baselines.targets import baseline_targets
 from pipeline.config import Config, EtpoConfig
 from pipeline.etpo.bellman import q_targets, q_values, soft_value, token_stats
 from pipeline.etpo.logits import ActionBatch, action_logits, last_position_logits
@@ -57,6 +59,7 @@ def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | Non
         "soft_value": stats.soft_value[0].tolist(),
         "kl_ref": stats.kl_ref[0].tolist(),
         "entropy": stats.entropy[0].tolist(),
+        "advantage": (stats.q_taken - stats.soft_value)[0].tolist(),  # soft advantage of the taken token
         "bootstrap_value": boot,
     }
 
@@ -77,14 +80,17 @@ def run(
     model.eval()
     fim = find_fim_tokens(tokenizer.get_vocab()) if config.prompt.format == "fim" else None
     with Progress() as progress:
-        bar = progress.add_task("targets", total=len(rows))
-        for row in rows:
-            next_ids = (
-                tokenizer(render(row["next_state"], fim), add_special_tokens=False)["input_ids"]
-                if not row["done"]
-                else None
-            )
-            row.update(action_targets(model, row, next_ids, config.etpo))
-            progress.advance(bar)
+        bar = progress.add_task(f"targets ({config.algo})", total=len(rows))
+        if config.algo != "etpo":
+            rows = baseline_targets(model, rows, config, lambda: progress.advance(bar))
+        else:
+            for row in rows:
+                next_ids = (
+                    tokenizer(render(row["next_state"], fim), add_special_tokens=False)["input_ids"]
+                    if not row["done"]
+                    else None
+                )
+                row.update(action_targets(model, row, next_ids, config.etpo))
+                progress.advance(bar)
     write_trajectories(out, rows, "targets", trajectory_metadata(table))
     return rows

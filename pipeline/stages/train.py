@@ -1,4 +1,5 @@
-"""train@k: ETPO updates of the policy, critic and target adapters on iteration k's targets."""
+"""train@k: ETPO updates of the policy, critic and target adapters on iteration k's targets
+(or a baseline's update; none for best_of_n, whose adapters pass through unchanged)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from dvclive import Live
 
+from pipeline.baselines.train import train_policy_gradient
 from pipeline.config import Config
 from pipeline.etpo.train import train_etpo
 from pipeline.io import atomic_dir, read_trajectories
@@ -38,16 +40,17 @@ def run(
                 live.log_metric(name, value)
             live.next_step()
 
-        steps = train_etpo(
-            model,
-            rows,
-            tokenizer.pad_token_id,
-            config.etpo,
-            config.train,
-            stream_seed(config.seed, iteration, "train"),
-            log,
-            parallel,
-        )
+        seed = stream_seed(config.seed, iteration, "train")
+        if config.algo == "etpo":
+            steps = train_etpo(
+                model, rows, tokenizer.pad_token_id, config.etpo, config.train, seed, log, parallel
+            )
+        elif config.algo in ("ppo", "grpo"):
+            steps = train_policy_gradient(model, rows, tokenizer.pad_token_id, config, seed, log, parallel)
+        else:  # best_of_n samples from the same policy every iteration
+            steps = 0
+            if parallel.is_main:
+                log({"train/actions": float(len(rows))})  # one point, so DVC finds the plots it expects
     if parallel.is_main:  # every process holds the same adapters
         with atomic_dir(out) as tmp:
             save_adapters(model, tmp)
