@@ -116,6 +116,9 @@ class WarmstartConfig:
     batch_size: int = field(default=8, metadata=_range(1, 4096))
     corpus_size: int = field(default=512, metadata=_range(1, 1_000_000))
     """Synthetic (state, body) examples drawn from the grammar."""
+    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
+    """The corpus's and the LoRA's seed; apart from `seed`, so RL runs of several seeds share one
+    warm-started model (the fixed starting point every algorithm is compared from)."""
 
 
 @dataclass(frozen=True)

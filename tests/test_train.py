@@ -1,8 +1,11 @@
 """The train stage's update on the tiny preset."""
 
+import pytest
 import torch
 
-from pipeline.config import EtpoConfig, LoraConfig, TrainConfig
+from pipeline.baselines.train import train_policy_gradient
+from pipeline.config import Config, EtpoConfig, LoraConfig, TrainConfig
+from pipeline.etpo.logits import ActionBatch, action_logits
 from pipeline.etpo.train import adapter_parameters, train_etpo
 from pipeline.models.adapters import attach_adapters
 from pipeline.models.base import load_base
@@ -59,3 +62,39 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
     assert len(critic) == len(target) > 0
     moved = sum((t - c).abs().sum() for t, c in zip(target, critic, strict=True))
     assert 0 < moved < sum(c.abs().sum() for c in critic)  # the target trails the critic
+
+
+def body_logprob(model, tokenizer, row):
+    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = action_logits(model, batch, "policy").log_softmax(-1)
+    return logp.gather(-1, batch.taken.unsqueeze(-1)).sum().item()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_base, algo):
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, LoraConfig(rank=4))
+    rows = rows_for(tokenizer, [1.0, -1.0])
+    for row, sign in zip(rows, [1.0, -1.0], strict=True):
+        n = len(row["completion_ids"])
+        row["behaviour_logprobs"] = [0.0] * n  # replaced below by the policy's own
+        row["advantage"] = [sign] * n
+        row["q_target"] = [2.0 * sign] * n  # PPO's returns: the value head should move toward them
+    for row in rows:
+        batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
+        with torch.no_grad():
+            logp = action_logits(model, batch, "policy").log_softmax(-1)
+        row["behaviour_logprobs"] = logp.gather(-1, batch.taken.unsqueeze(-1))[0, :, 0].tolist()
+    before = [body_logprob(model, tokenizer, r) for r in rows]
+    logged = []
+    config = Config(algo=algo, train=TrainConfig(epochs=4, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-3))
+    steps = train_policy_gradient(model, rows, tokenizer.pad_token_id, config, seed=0, log=logged.append)
+    after = [body_logprob(model, tokenizer, r) for r in rows]
+    # the bodies share their first (indent) token, so compare how much each one gained
+    assert steps == 4 and after[0] - before[0] > 1.0 + (after[1] - before[1])
+    assert ("train/value_loss" in logged[0]) == (algo == "ppo")
+    assert ("train/kl_ref" in logged[0]) == (algo == "grpo")
+    if algo == "ppo":
+        assert logged[-1]["train/value_loss"] < logged[0]["train/value_loss"]

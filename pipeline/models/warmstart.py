@@ -203,16 +203,15 @@ def warm_start(
     tokenizer: PreTrainedTokenizerBase,
     config: WarmstartConfig,
     lora: LoraConfig,
-    seed: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> PreTrainedModel:
     """Fine-tune a LoRA adapter on the synthetic corpus and merge it: returns the new base."""
-    examples = encode(synthetic_examples(config.corpus_size, seed), tokenizer)
-    torch.manual_seed(seed)
+    examples = encode(synthetic_examples(config.corpus_size, config.seed), tokenizer)
+    torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora_config(lora))
     peft_model.train()
     optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr)
-    order = random.Random(seed)
+    order = random.Random(config.seed)
     for step in range(config.steps):
         batch = collate(order.sample(examples, config.batch_size), tokenizer.pad_token_id)
         device = next(peft_model.parameters()).device
