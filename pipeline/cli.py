@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import ModelError
+from pipeline.errors import ArtifactError, ModelError
 from pipeline.io import TrajectoryError
 from pipeline.tasks.datasets import DatasetError
 
@@ -46,7 +46,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DatasetError, ModelError, TrajectoryError, UsageError) as e:
+        except (ArtifactError, ConfigError, DatasetError, ModelError, TrajectoryError, UsageError) as e:
             fail(str(e))
 
     return run
@@ -176,6 +176,22 @@ def execute(
 
 @app.command()
 @friendly
+def ceiling(
+    out: Annotated[Path, typer.Option(help="The JSON file to write.")] = Path("data/ceiling.json"),
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Best score per task of a fixed grid of 33 scikit-learn bodies (the reachable ceiling)."""
+    from pipeline.stages import ceiling as stage
+
+    config = load_config(params)
+    best = stage.run(config, tasks_dir, out, EXEC_CACHE if config.executor.cache else None)
+    for task, entry in best.items():
+        typer.echo(f"{task}: {entry['score']:.4f}  {entry['body'].splitlines()[-3].strip()}")
+
+
+@app.command()
+@friendly
 def init(
     out: Annotated[Path, typer.Option(help="The folder of iteration 000.")] = Path("data/iterations/000"),
     base: WarmBaseOption = Path("data/models/warm"),
@@ -230,12 +246,13 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="DVCLive folder for the metrics.")],
     base: WarmBaseOption = Path("data/models/warm"),
     previous: Annotated[Optional[Path], typer.Option(help="metrics.json of iteration k-1.")] = None,  # noqa: UP045
+    ceiling: Annotated[Optional[Path], typer.Option(help="ceiling.json, for fractions of it.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Mean reward, success rate, best so far per task, episode length, KL, perplexity."""
+    """Mean reward, success rate, best so far per task, episode length, KL, perplexity; curves.png."""
     from pipeline.stages import evaluate as stage
 
-    metrics = stage.run(load_config(params), targets_file, base, adapters, out, previous)
+    metrics = stage.run(load_config(params), targets_file, base, adapters, out, previous, ceiling)
     typer.echo(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
 

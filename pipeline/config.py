@@ -45,6 +45,11 @@ class TasksConfig:
     custom: list[CustomTask] = field(default_factory=list)
     """Extra user datasets; each becomes a task under its `name`."""
 
+    @property
+    def all_names(self) -> list[str]:
+        """Built-in and custom task names, in the order sampling visits them."""
+        return list(self.names) + [c.name for c in self.custom]
+
 
 @dataclass(frozen=True)
 class PromptConfig:

@@ -3,3 +3,7 @@
 
 class ModelError(ValueError):
     """A missing or unusable model: the message says which and why."""
+
+
+class ArtifactError(ValueError):
+    """A corrupt artifact of an earlier stage: the message names the file."""

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import ArtifactError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -52,6 +54,16 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
     """Call `write(tmp_path)` and move the result to `path` atomically."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def read_json(path: Path | None, default: Any) -> Any:
+    """A JSON artifact, or `default` where there is none (e.g. before the first iteration)."""
+    if path is None or not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

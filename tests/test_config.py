@@ -57,15 +57,19 @@ def test_cli_missing_params_file(tmp_path):
     assert "no such params file" in result.output
 
 
-def test_dvc_artifacts_follow_the_iterations():
-    """dvc.yaml cannot template its top-level artifacts: one entry per params.iterations key."""
+def test_dvc_artifacts_and_plots_follow_the_iterations():
+    """dvc.yaml cannot template its top-level artifacts and plots: they follow params.iterations."""
     import yaml
 
     iterations = load_config(REPO / "params.yaml").iterations
-    artifacts = yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"]
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    artifacts = dvc_yaml["artifacts"]
     assert set(artifacts) == {f"adapters-{k}" for k in iterations}
     for k in iterations:
         assert artifacts[f"adapters-{k}"]["path"] == f"data/iterations/{k}/adapters"
+    last = f"data/iterations/{max(iterations)}/metrics"
+    curves, png = dvc_yaml["plots"]
+    assert list(curves["reward-curves"]["y"]) == [f"{last}/history.json"] and png == f"{last}/curves.png"
 
 
 def test_iterations_must_be_consecutive(tmp_path):

@@ -42,6 +42,8 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (copy / "params.yaml").write_text(tiny_params((REPO / "params.yaml").read_text()))
     dvc_yaml = yaml.safe_load((copy / "dvc.yaml").read_text())
     dvc_yaml["artifacts"] = {k: v for k, v in dvc_yaml["artifacts"].items() if k != "adapters-003"}
+    plots = yaml.safe_dump(dvc_yaml["plots"]).replace("iterations/003/", "iterations/002/")
+    dvc_yaml["plots"] = yaml.safe_load(plots)
     (copy / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     run(["git", "init", "-q"], copy)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], copy)
@@ -57,6 +59,7 @@ def test_every_stage_output_exists(repo_copy):
         "data/models/base/model.safetensors",
         "data/models/warm/config.json",
         "data/iterations/000/adapters/policy/adapter_config.json",
+        "data/ceiling.json",
     ]:
         assert (repo_copy / path).exists(), path
     for k in ("001", "002"):
@@ -66,9 +69,27 @@ def test_every_stage_output_exists(repo_copy):
             "targets.parquet",
             "adapters/critic/adapter_model.safetensors",
             "metrics/metrics.json",
+            "metrics/history.json",
+            "metrics/best_bodies.json",
+            "metrics/curves.png",
             "train/metrics.json",
         ):
             assert (repo_copy / "data/iterations" / k / name).exists(), (k, name)
+
+
+def test_curves_best_bodies_and_ceiling(repo_copy):
+    last = repo_copy / "data/iterations/002/metrics"
+    history = json.loads((last / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [1, 2]
+    assert {"mean_reward", "best_reward", "failure_rate", "best_fraction_of_ceiling"} <= set(history[-1])
+    assert (last / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ceiling = json.loads((repo_copy / "data/ceiling.json").read_text())
+    assert set(ceiling) == {"iris", "balance-scale"}
+    assert all(0.9 < c["score"] <= 1.0 and c["grid_size"] == 33 for c in ceiling.values())
+    assert json.loads((last / "metrics.json").read_text())["ceiling_fraction"]["mean"] >= 0.0
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo_copy))
+    assert not [e for e in shown.get("errors", []) if "history" in e.get("source", "")]
+    assert "reward-curves" in shown.get("data", shown)
 
 
 def test_exp_show_has_the_metrics(repo_copy):

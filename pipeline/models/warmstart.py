@@ -125,12 +125,17 @@ class Example:
 
 
 def random_body(rng: random.Random) -> str:
-    """One body from the grammar: imports, an optional scaler pipeline, fit, return."""
+    """One body drawn uniformly from the grammar."""
     import_line, template, choices, scale = rng.choice(ESTIMATORS)
     estimator = template.format(*(rng.choice(c) for c in choices))
+    scaler = rng.choice(SCALERS) if scale and rng.random() < 0.7 else None
+    return grammar_body(import_line, estimator, scaler)
+
+
+def grammar_body(import_line: str, estimator: str, scaler: str | None) -> str:
+    """A body of the grammar: the import, an optional scaler pipeline, fit, return."""
     lines = [import_line]
-    if scale and rng.random() < 0.7:
-        scaler = rng.choice(SCALERS)
+    if scaler:
         lines += ["from sklearn.pipeline import make_pipeline", f"from sklearn.preprocessing import {scaler}"]
         lines.append(f"model = make_pipeline({scaler}(), {estimator})")
     else:

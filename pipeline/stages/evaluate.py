@@ -1,5 +1,9 @@
 """evaluate@k: reward statistics, best reward so far per task, episode length, KL, perplexity.
 
+Also carried from iteration to iteration: the best body found so far per task (`best_bodies.json`)
+and the per-iteration history (`history.json`, a DVC plot), drawn as `curves.png` (DVC's HTML
+plots load vega from a CDN that offline users cannot reach).
+
 Perplexity is measured on real held-out code that nobody here wrote: a fixed list of modules of
 the installed Python standard library, read at run time; their hashes go with the metric.
 """
@@ -7,7 +11,6 @@ the installed Python standard library, read at run time; their hashes go with th
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sysconfig
 from pathlib import Path
@@ -17,9 +20,11 @@ import torch
 from dvclive import Live
 
 from pipeline.config import Config
-from pipeline.io import read_trajectories
+from pipeline.io import read_json, read_trajectories, write_atomic, write_json
+from pipeline.stages.ceiling import ceiling_fractions
 from pipeline.stages.targets import load_model
 
+HISTORY, BEST_BODIES, CURVES = "history.json", "best_bodies.json", "curves.png"
 HELD_OUT_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py")
 HELD_OUT_TOKENS = 512  # per module: enough for a stable estimate, cheap on a CPU
 
@@ -51,6 +56,54 @@ def perplexity(model, tokenizer, texts: list[str], adapter: str | None) -> float
     return math.exp(nll / count)
 
 
+def best_bodies(targets: pl.DataFrame, previous: dict[str, dict]) -> dict[str, dict]:
+    """The best-scoring body per task so far: {task: {reward, body, iteration}}."""
+    best = dict(previous)
+    ran = targets.filter(pl.col("status") == "ok").sort("reward", descending=True)
+    for row in ran.unique("task", keep="first", maintain_order=True).iter_rows(named=True):
+        if row["reward"] > best.get(row["task"], {}).get("reward", -1.0):
+            best[row["task"]] = {
+                "reward": row["reward"],
+                "body": row["completion"],
+                "iteration": row["iteration"],
+            }
+    return best
+
+
+def history_row(iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+    """One point per iteration of the curves users compare across experiments."""
+    best = [v for k, v in metrics.items() if k.startswith("best/")]
+    row = {
+        "iteration": iteration,
+        "mean_reward": metrics["reward/mean"],
+        "best_reward": sum(best) / len(best),
+        "failure_rate": metrics["reward/failure_rate"],
+    }
+    if "ceiling_fraction/mean" in metrics:
+        row["best_fraction_of_ceiling"] = metrics["ceiling_fraction/mean"]
+    return row
+
+
+def draw_curves(history: list[dict[str, float]], out: Path) -> None:
+    """A static PNG of the history (matplotlib, no display needed), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["mean_reward", "best_reward", "failure_rate"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), constrained_layout=True)
+    x = [h["iteration"] for h in history]
+    for ax, name in zip(axes, names, strict=True):
+        ax.plot(x, [h[name] for h in history], marker="o")
+        ax.set_title(name.replace("_", " "))
+        ax.set_xlabel("iteration")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def reward_metrics(targets: pl.DataFrame, previous_best: dict[str, float]) -> dict[str, float]:
     metrics = {
         "reward/mean": targets["reward"].mean(),
@@ -78,19 +131,31 @@ def run(
     adapters: Path,
     out: Path,
     previous_metrics: Path | None = None,
+    ceiling: Path | None = None,
 ) -> dict[str, float]:
     frame = pl.from_arrow(read_trajectories(targets, "targets"))
-    previous = (
-        json.loads(previous_metrics.read_text()) if previous_metrics and previous_metrics.exists() else {}
-    )
+    previous_dir = previous_metrics.parent if previous_metrics else None
+    previous = read_json(previous_metrics, {})
     metrics = reward_metrics(frame, previous.get("best", {}))  # DVCLive nests "best/<task>"
+    if ceiling:
+        best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/")}
+        fractions = ceiling_fractions(best, read_json(ceiling, {}))
+        metrics |= {f"ceiling_fraction/{k}": v for k, v in fractions.items()}
     model, tokenizer = load_model(config, base_dir, adapters)
     model.eval()
     texts, hashes = held_out_corpus()
     metrics["perplexity/policy"] = perplexity(model, tokenizer, texts, "policy")
     metrics["perplexity/reference"] = perplexity(model, tokenizer, texts, None)
+    iteration = int(frame["iteration"][0]) if frame.height else 0
+    history = read_json(previous_dir / HISTORY if previous_dir else None, []) + [
+        history_row(iteration, metrics)
+    ]
+    bodies = best_bodies(frame, read_json(previous_dir / BEST_BODIES if previous_dir else None, {}))
     with Live(dir=str(out), dvcyaml=None, save_dvc_exp=False) as live:
         for name, value in metrics.items():
             live.log_metric(name, value, plot=False)
         live.log_params({"held_out_sha256": hashes})
+    write_json(out / HISTORY, history)
+    write_json(out / BEST_BODIES, bodies)
+    draw_curves(history, out / CURVES)
     return metrics

@@ -27,7 +27,7 @@ def run(
     previous: Path | None = None,
 ) -> int:
     """Write `out`; returns the number of actions sampled."""
-    tasks = [load_task(tasks_dir, name) for name in _task_names(config)]
+    tasks = [load_task(tasks_dir, name) for name in config.tasks.all_names]
     states = fresh_states(tasks, iteration, config.sampling.samples_per_state)
     if previous is not None:
         states += continuing_states(read_trajectories(previous, "executed").to_pylist())
@@ -72,7 +72,3 @@ def run(
     ]
     write_trajectories(out, rows, "sampled", artifact_metadata(config, base_dir))
     return len(rows)
-
-
-def _task_names(config: Config) -> list[str]:
-    return list(config.tasks.names) + [c.name for c in config.tasks.custom]
