@@ -125,3 +125,13 @@ def test_each_baseline_runs_two_iterations(repo_copy, algo):
     trained = repo_copy / "data/iterations/002/adapters/policy/adapter_model.safetensors"
     start = repo_copy / "data/iterations/000/adapters/policy/adapter_model.safetensors"
     assert (trained.read_bytes() == start.read_bytes()) == (algo == "best_of_n")
+
+
+def test_compare_turns_exp_show_into_a_table(repo_copy):
+    compare = REPO / "bench" / "compare.py"
+    out = run([sys.executable, str(compare)], repo_copy)
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"etpo", "ppo", "grpo", "best_of_n"} <= set(rows), out + run(["dvc", "exp", "show"], repo_copy)
+    assert " -> " in rows["ppo"]  # a value per iteration
+    by_name = run([sys.executable, str(compare), "--by-name"], repo_copy)
+    assert len([line for line in by_name.splitlines() if line.startswith("| ")]) >= 1 + 4
