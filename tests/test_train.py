@@ -98,3 +98,22 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
     assert ("train/kl_ref" in logged[0]) == (algo == "grpo")
     if algo == "ppo":
         assert logged[-1]["train/value_loss"] < logged[0]["train/value_loss"]
+
+
+def test_action_logits_are_each_sequence_own_logits(tiny_base):
+    """Left padding, position ids and the logits window give what each sequence alone gives."""
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, LoraConfig(rank=4))
+    prompts, completions = [[11, 12, 13, 14, 15, 16], [21, 22]], [[31, 32], [41, 42, 43, 44, 45]]
+    batch = ActionBatch.build(prompts, completions, tokenizer.pad_token_id)
+    for adapter in ("policy", None):
+        got = action_logits(model, batch, adapter)
+        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            alone = ActionBatch.build([p], [c], tokenizer.pad_token_id)  # no padding at all
+            with torch.no_grad():
+                model.set_adapter("policy")
+                ctx = model.disable_adapter() if adapter is None else torch.no_grad()
+                with ctx:
+                    full = model(input_ids=alone.input_ids).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+            assert torch.allclose(got[b, : len(c)], full, atol=1e-5), (adapter, b)

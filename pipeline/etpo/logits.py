@@ -18,11 +18,15 @@ from pipeline.models.adapters import reference
 
 @dataclass(frozen=True)
 class ActionBatch:
-    """Right-padded prompt + completion sequences and where each completion sits."""
+    """Left-padded prompt + completion sequences: every completion ends at the last position.
+
+    So the logits of the last T + 1 positions cover every completion token of the batch, and the
+    LM head (a 49k-vocabulary matmul) runs on those only, never on the prompts.
+    """
 
     input_ids: Tensor  # (B, L)
     attention_mask: Tensor  # (B, L)
-    positions: Tensor  # (B, T) index of the logits that predict completion token j (clamped)
+    positions: Tensor  # (B, T) index in L of the position that predicts completion token j (0 past it)
     taken: Tensor  # (B, T) completion token ids, 0 past the end
     mask: Tensor  # (B, T) 1 on valid completion tokens
 
@@ -38,9 +42,9 @@ class ActionBatch:
         mask = torch.zeros((B, T))
         for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             seq = p + c
-            input_ids[b, : len(seq)] = torch.tensor(seq)
-            attention[b, : len(seq)] = 1
-            positions[b, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            input_ids[b, L - len(seq) :] = torch.tensor(seq)
+            attention[b, L - len(seq) :] = 1
+            positions[b, : len(c)] = torch.arange(L - len(c) - 1, L - 1)
             taken[b, : len(c)] = torch.tensor(c)
             mask[b, : len(c)] = 1.0
         return cls(input_ids, attention, positions, taken, mask)
@@ -64,25 +68,33 @@ def per_token(rows: list[dict], key: str, batch: ActionBatch) -> Tensor:
 
 def action_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
     """(B, T, V) logits predicting each completion token, with `adapter` active (None: reference)."""
-    return _at_actions(_forward(model, batch, adapter).logits, batch)
+    L, T = batch.input_ids.shape[1], batch.taken.shape[1]
+    window = _forward(model, batch, adapter, logits_to_keep=T + 1).logits  # positions L-T-1 .. L-1
+    return _at(window, (batch.positions - (L - T - 1)).clamp(min=0))
 
 
 def action_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> Tensor:
     """(B, T, H) last hidden states (after the final norm) where each completion token is chosen."""
-    return _at_actions(_forward(model, batch, adapter, output_hidden_states=True).hidden_states[-1], batch)
+    out = _forward(model, batch, adapter, output_hidden_states=True, logits_to_keep=1)
+    return _at(out.hidden_states[-1], batch.positions)
 
 
-def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs: bool):
+def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs: object):
     if adapter is not None:
         model.set_adapter(adapter)
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # count from each row's first token
     with reference(model) if adapter is None else nullcontext():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        return model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )
 
 
-def _at_actions(per_position: Tensor, batch: ActionBatch) -> Tensor:
-    """(B, L, D) -> (B, T, D): the positions that predict each completion token."""
-    index = batch.positions.unsqueeze(-1).expand(-1, -1, per_position.shape[-1])
-    return per_position.gather(1, index)
+def _at(per_position: Tensor, index: Tensor) -> Tensor:
+    """(B, P, D) gathered at (B, T) position indices -> (B, T, D)."""
+    return per_position.gather(1, index.unsqueeze(-1).expand(-1, -1, per_position.shape[-1]))
 
 
 def last_position_logits(model: PeftModel, prompt_ids: list[int], adapter: str | None) -> Tensor:
