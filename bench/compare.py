@@ -4,7 +4,8 @@
     dvc queue start                      # then wait for `dvc queue status` to show them done
     python bench/compare.py [--json FILE] [--ceiling data/ceiling.json]
 
-Per algorithm: how many runs (seeds); the mean reward of each iteration; the best reward found by
+Per algorithm: how many runs (seeds); the mean reward of each iteration, over all its actions and
+over first tries only (fresh states: comparable across iterations); the best reward found by
 the last iteration as a fraction of the ceiling (mean over tasks; a task never solved counts 0);
 the failure rate of each iteration; and the policy's perplexity on the held-out corpus relative to
 the reference's at the last iteration (1.00 = unchanged). Runs are grouped by `algo`; experiments
@@ -62,6 +63,7 @@ def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
     n_iter = min(len(b) for b in by_iteration)
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     rewards = [mean([b[i][1]["reward"]["mean"] for b in by_iteration]) for i in range(n_iter)]
+    first = [mean([b[i][1]["first_try"]["mean_reward"] for b in by_iteration]) for i in range(n_iter)]
     failures = [mean([b[i][1]["reward"]["failure_rate"] for b in by_iteration]) for i in range(n_iter)]
     fractions, perplexity = [], []
     for b in by_iteration:
@@ -73,6 +75,7 @@ def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
     return {
         "runs": len(runs),
         "mean_reward": rewards,
+        "first_try_reward": first,
         "best_fraction": mean(fractions),
         "best_fraction_sd": statistics.stdev(fractions) if len(fractions) > 1 else 0.0,
         "failure_rate": failures,
@@ -82,15 +85,16 @@ def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
 
 def table(groups: dict[str, list[dict]], ceiling: dict[str, dict]) -> str:
     lines = [
-        "| algo | runs | mean reward per iteration | best found / ceiling | failure rate per iteration "
-        "| perplexity policy / reference |",
-        "|---|---|---|---|---|---|",
+        "| algo | runs | mean reward per iteration | first tries: mean reward | best found / ceiling "
+        "| failure rate per iteration | perplexity policy / reference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for algo, runs in sorted(groups.items()):
         s = summarise(runs, ceiling)
         fmt = lambda xs: " -> ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         lines.append(
-            f"| {algo} | {s['runs']} | {fmt(s['mean_reward'])} | {s['best_fraction']:.3f} "
+            f"| {algo} | {s['runs']} | {fmt(s['mean_reward'])} | {fmt(s['first_try_reward'])} "
+            f"| {s['best_fraction']:.3f} "
             f"(sd {s['best_fraction_sd']:.3f}) | {fmt(s['failure_rate'])} | {s['perplexity_ratio']:.3f} |"
         )
     return "\n".join(lines)
