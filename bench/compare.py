@@ -8,17 +8,19 @@ Per algorithm: how many runs (seeds); the mean reward of each iteration, over al
 over first tries only (fresh states: comparable across iterations); the best reward found by
 the last iteration as a fraction of the ceiling (mean over tasks; a task never solved counts 0);
 the failure rate of each iteration; and the policy's perplexity on the held-out corpus relative to
-the reference's at the last iteration (1.00 = unchanged). Runs are grouped by `algo`; experiments
-with other differences in params are told apart by name in `--by-name` mode.
+the reference's at the last iteration (1.00 = unchanged). Runs whose params differ only in `seed`
+form one row, labelled by `algo` and the params where they differ from the most common value
+(so a tuning run `-S etpo.lambda=1.0` gets its own row); `--by-name` gives one row per experiment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline.stages.ceiling import ceiling_fractions
@@ -47,6 +49,30 @@ def experiments(shown: object) -> list[dict]:
     return list(unique.values())
 
 
+def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as dotted keys: {"etpo": {"beta": 0.1}} -> {"etpo.beta": 0.1}."""
+    flat: dict[str, object] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def setting_labels(exps: list[dict]) -> list[str]:
+    """A label per experiment that is equal for runs differing only in seed: algo + unusual params."""
+    flat = [flatten(e["params"]) for e in exps]
+    keys = sorted(set().union(*flat) - {"seed", "algo"})
+    usual = {k: Counter(repr(f.get(k)) for f in flat).most_common(1)[0][0] for k in keys}
+    return [
+        " ".join(
+            [str(f.get("algo", "etpo"))] + [f"{k}={f.get(k)}" for k in keys if repr(f.get(k)) != usual[k]]
+        )
+        for f in flat
+    ]
+
+
 def per_iteration(metrics: dict[str, dict]) -> list[tuple[int, dict]]:
     rows = []
     for path, values in metrics.items():
@@ -55,6 +81,13 @@ def per_iteration(metrics: dict[str, dict]) -> list[tuple[int, dict]]:
         if evaluated and values.get("reward"):
             rows.append((int(parts[-3]), values))
     return sorted(rows, key=lambda kv: kv[0])
+
+
+def sd(xs: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one run, nan when a value is missing)."""
+    if any(math.isnan(x) for x in xs):
+        return float("nan")
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
@@ -77,7 +110,8 @@ def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
         "mean_reward": rewards,
         "first_try_reward": first,
         "best_fraction": mean(fractions),
-        "best_fraction_sd": statistics.stdev(fractions) if len(fractions) > 1 else 0.0,
+        "best_fraction_sd": sd(fractions),
+        "last_first_try_sd": sd([b[n_iter - 1][1]["first_try"]["mean_reward"] for b in by_iteration]),
         "failure_rate": failures,
         "perplexity_ratio": mean(perplexity),
     }
@@ -85,15 +119,17 @@ def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
 
 def table(groups: dict[str, list[dict]], ceiling: dict[str, dict]) -> str:
     lines = [
-        "| algo | runs | mean reward per iteration | first tries: mean reward | best found / ceiling "
+        "| setting | runs | mean reward per iteration | first tries: mean reward (sd of the last) "
+        "| best found / ceiling "
         "| failure rate per iteration | perplexity policy / reference |",
         "|---|---|---|---|---|---|---|",
     ]
-    for algo, runs in sorted(groups.items()):
+    for label, runs in sorted(groups.items()):
         s = summarise(runs, ceiling)
         fmt = lambda xs: " -> ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         lines.append(
-            f"| {algo} | {s['runs']} | {fmt(s['mean_reward'])} | {fmt(s['first_try_reward'])} "
+            f"| {label} | {s['runs']} | {fmt(s['mean_reward'])} "
+            f"| {fmt(s['first_try_reward'])} ({s['last_first_try_sd']:.3f}) "
             f"| {s['best_fraction']:.3f} "
             f"(sd {s['best_fraction_sd']:.3f}) | {fmt(s['failure_rate'])} | {s['perplexity_ratio']:.3f} |"
         )
@@ -117,8 +153,10 @@ def main() -> None:
     )
     ceiling = json.loads(args.ceiling.read_text()) if args.ceiling.exists() else {}
     groups: dict[str, list[dict]] = defaultdict(list)
-    for exp in experiments(json.loads(text)):
-        groups[exp["name"] if args.by_name else exp["params"].get("algo", "etpo")].append(exp)
+    exps = experiments(json.loads(text))
+    labels = [e["name"] for e in exps] if args.by_name else setting_labels(exps)
+    for label, exp in zip(labels, exps, strict=True):
+        groups[label].append(exp)
     print(table(groups, ceiling))
 
 
