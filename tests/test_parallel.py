@@ -19,8 +19,8 @@ def targets_file(params, tasks_dir, tiny_base, tmp_path):
         params.read_text()
         .replace("breast_cancer, iris]", "iris]")
         .replace("policy_lr: 0.0001", "policy_lr: 0.01")
-        .replace("critic_lr: 0.0001", "critic_lr: 0.01")
-        .replace("epochs: 1", "epochs: 2")
+        .replace("critic_lr: 0.001", "critic_lr: 0.01")
+        .replace("epochs: 4 ", "epochs: 2 ")
         .replace("minibatch_size: 4", "minibatch_size: 5")  # 6 actions: shards of 3 + 2, then 1 + none
     )
     common = ["--tasks-dir", tasks_dir, "--params", params]
