@@ -91,7 +91,7 @@ def sd(xs: list[float]) -> float:
 
 
 def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
-    """Means over the runs of one algorithm."""
+    """Means over the runs of one setting (its seeds)."""
     by_iteration = [per_iteration(r["metrics"]) for r in runs]
     n_iter = min(len(b) for b in by_iteration)
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -42,16 +43,25 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def params(tmp_path: Path) -> Path:
     """params.yaml on the tiny preset, with short bodies and 2 samples per state."""
-    text = (REPO / "params.yaml").read_text()
-    for old, new in [
-        ("preset: smollm2", "preset: tiny"),
-        ("samples_per_state: 4", "samples_per_state: 2"),
-        ("max_new_tokens: 160", "max_new_tokens: 24"),
-    ]:
-        text = text.replace(old, new)
     path = tmp_path / "params.yaml"
-    path.write_text(text)
+    path.write_text((REPO / "params.yaml").read_text())
+    set_params(path, {"model.preset": "tiny", "sampling.samples_per_state": 2, "sampling.max_new_tokens": 24})
     return path
+
+
+def set_params(path: Path, changes: dict[str, object]) -> None:
+    """Set dotted keys ("train.epochs") in a params file; a key it does not have is an error,
+    so a test cannot silently run on the defaults when params.yaml is reworded."""
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        section = params
+        for key in parents:
+            section = section[key]
+        if leaf not in section:
+            raise KeyError(dotted)
+        section[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def invoke(*args: object) -> str:

@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, invoke
+from tests.conftest import REPO, invoke, set_params
 
 
 @pytest.fixture
 def targets_file(params, tasks_dir, tiny_base, tmp_path):
     """Iteration 1's targets on the tiny preset: 3 tasks x 2 samples = 6 actions."""
-    params.write_text(
-        params.read_text()
-        .replace("breast_cancer, iris]", "iris]")
-        .replace("policy_lr: 0.0001", "policy_lr: 0.01")
-        .replace("critic_lr: 0.001", "critic_lr: 0.01")
-        .replace("epochs: 4 ", "epochs: 2 ")
-        .replace("minibatch_size: 4", "minibatch_size: 5")  # 6 actions: shards of 3 + 2, then 1 + none
+    set_params(
+        params,
+        {
+            "tasks.names": ["balance-scale", "tic-tac-toe", "iris"],
+            "train.policy_lr": 0.01,
+            "train.critic_lr": 0.01,
+            "train.epochs": 2,
+            "train.minibatch_size": 5,  # 6 actions: shards of 3 + 2, then 1 + none
+        },
     )
     common = ["--tasks-dir", tasks_dir, "--params", params]
     invoke("init", "--base", tiny_base, "--out", tmp_path / "000", "--params", params)

@@ -6,18 +6,14 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import Config, ModelConfig, SamplingConfig
 from pipeline.io import read_trajectories
-from tests.conftest import invoke
+from tests.conftest import invoke, set_params
 
 
 def test_sample_execute_and_continue_episodes(params, tasks_dir, tiny_base, tmp_path):
     it1, it2 = tmp_path / "001", tmp_path / "002"
     common = ["--tasks-dir", tasks_dir, "--params", params]
     # tasks_dir holds balance-scale, iris, tic-tac-toe; params name four tasks, so narrow them
-    params.write_text(
-        params.read_text().replace(
-            "names: [balance-scale, tic-tac-toe, breast_cancer, iris]", "names: [iris, balance-scale]"
-        )
-    )
+    set_params(params, {"tasks.names": ["iris", "balance-scale"]})
     invoke("sample", "--iteration", 1, "--base", tiny_base, "--out", it1 / "t.parquet", *common)
     invoke("execute", it1 / "t.parquet", "--out", it1 / "e.parquet", *common)
     executed = read_trajectories(it1 / "e.parquet", "executed").to_pylist()
