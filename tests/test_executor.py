@@ -162,6 +162,38 @@ def test_nothing_outlives_a_program(executor, tasks_dir):
     assert len(harnesses) == len(executor._all), [p.as_dict(["pid", "ppid", "uids"]) for p in harnesses]
 
 
+NEAREST = (
+    "    from sklearn.neighbors import KNeighborsClassifier\n"
+    "    model = KNeighborsClassifier(n_neighbors=1).fit(x_train, y_train)"
+)
+# Keeps every training set it is given (in builtins, a module attribute and a file in its temp
+# dir) and fits on all of them: rows held out in this split were training rows of earlier ones.
+MEMORISING = """    import builtins, os, tempfile
+    import numpy as np
+    import sklearn
+    from sklearn.neighbors import KNeighborsClassifier
+    memo = os.path.join(tempfile.gettempdir(), "seen.npz")
+    seen = getattr(builtins, "_seen", None) or getattr(sklearn, "_seen", None)
+    if seen is None and os.path.exists(memo):
+        with np.load(memo) as old:
+            seen = (old["x"], old["y"])
+    xs, ys = seen or (x_train[:0], y_train[:0])
+    xs, ys = np.concatenate([xs, x_train]), np.concatenate([ys, y_train])
+    builtins._seen = sklearn._seen = (xs, ys)
+    try:
+        np.savez(memo, x=xs, y=ys)
+    except OSError:
+        pass
+    model = KNeighborsClassifier(n_neighbors=1).fit(xs, ys)"""
+
+
+def test_a_body_that_memorises_across_splits_scores_as_the_honest_one(executor, tasks_dir):
+    honest = executor.run("balance-scale", source_for(tasks_dir, "balance-scale", NEAREST))
+    memorising = executor.run("balance-scale", source_for(tasks_dir, "balance-scale", MEMORISING))
+    assert honest.status == memorising.status == "ok", memorising.error
+    assert memorising.reward == honest.reward and memorising.score_std == honest.score_std
+
+
 def test_cache_hit_is_identical(tasks_dir, tmp_path):
     config = ExecutorConfig(timeout_s=4.0, workers=1)
     source = source_for(tasks_dir, "balance-scale", FOREST)

@@ -1,21 +1,22 @@
 """The warm worker that runs inside the sandbox. Standard library, numpy and scikit-learn only.
 
 It imports numpy and scikit-learn once, loads one task and its splits, then serves requests
-(JSON lines on stdin/stdout). Each program runs in one forked child that:
+(JSON lines on stdin/stdout). Each split of each program runs in its own forked child that:
   - drops to an unprivileged uid (when we are root), sets rlimits (CPU, address space, processes,
     file size), works in a private temp dir, reads /dev/null as stdin;
-  - is given, per split, x_train, y_train and x_test (the held-out labels stay in the worker);
-  - sends back predict_proba(x_test) of every split as raw float64 bytes.
+  - is given that split's x_train, y_train and x_test (the held-out labels stay in the worker);
+  - sends back predict_proba(x_test) as raw float64 bytes.
 The worker, which never runs generated code, computes ROC-AUC from those probabilities. So a
-program cannot fake its reward by patching scikit-learn. (Within one program a row held out in
-one split is a training row of another; a program that memorised across its 5 calls could
-exploit that. One child per split would close it at ~9 ms per fork of this large process.)
-After the program the worker kills every other process in its pid namespace (bubblewrap mode)
-or the child's process group (fallback), so nothing a program starts outlives it.
+program cannot fake its reward by patching scikit-learn. A row held out in one split is a
+training row of another, so nothing may carry over between splits: each split gets a fresh child
+(a module attribute or `builtins` dies with it), and after each split the worker kills every
+other process in its pid namespace (bubblewrap mode) or the child's process group (fallback) and
+empties the temp dir (in bubblewrap mode the only place a program can write).
 
 Run as: python harness.py DATA.npz     (DATA holds arrays x, y)
 """
 
+import contextlib
 import json
 import os
 import random
@@ -256,14 +257,13 @@ def _reap(pid):
     return os.waitpid(pid, 0)[1] if status is None else status
 
 
-def _run_program(source, folds, limits, n_classes):
-    """Run one program in a fresh child: (status, error, predicted probabilities or None)."""
-    deadline = time.monotonic() + limits["timeout_s"]
+def _run_program(source, folds, limits, n_classes, deadline):
+    """Run a program on `folds` in a fresh child: (status, error, probabilities or None)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(write_fd, source, folds, limits, limits["timeout_s"], n_classes)
+        _child(write_fd, source, folds, limits, deadline - time.monotonic(), n_classes)
     os.close(write_fd)
     header, payload, timed_out = _read_message(read_fd, deadline)
     os.close(read_fd)
@@ -284,11 +284,35 @@ def _run_program(source, folds, limits, n_classes):
     return "ok", "", proba.reshape(n_test, n_classes)
 
 
-def score(source, x, y, limits, split_indices):
-    """The reward of DESIGN §2 for one program: dict(status, reward, score_std, error)."""
+def clear_scratch(keep):
+    """Remove whatever a program left in the temp dir (all but the names in `keep`)."""
+    for leftover in set(os.listdir(tempfile.gettempdir())) - keep:
+        path = os.path.join(tempfile.gettempdir(), leftover)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _run_splits(source, x, y, limits, split_indices, n_classes, keep):
+    """Each split in a fresh child, the temp dir emptied in between; one time limit for all."""
+    deadline = time.monotonic() + limits["timeout_s"]
+    probas = []
+    for train, test in split_indices:
+        fold = (x[train], y[train], x[test])
+        status, error, proba = _run_program(source, [fold], limits, n_classes, deadline)
+        clear_scratch(keep)
+        if status != "ok":
+            return status, error, None
+        probas.append(proba)
+    return "ok", "", np.concatenate(probas)
+
+
+def score(source, x, y, limits, split_indices, keep=frozenset()):
+    """The reward of docs/design.md for one program: dict(status, reward, score_std, error)."""
     n_classes = int(y.max()) + 1
-    folds = [(x[train], y[train], x[test]) for train, test in split_indices]
-    status, error, proba = _run_program(source, folds, limits, n_classes)
+    status, error, proba = _run_splits(source, x, y, limits, split_indices, n_classes, keep)
     scores = []
     if status == "ok" and not np.all(np.isfinite(proba)):
         status, error = "error", "predict_proba returned NaN or infinity"
@@ -309,17 +333,15 @@ def serve(data_path):
         x, y = data["x"], data["y"]
     split_indices = splits(y)
     tempfile.tempdir = os.environ.get("ETPO_SANDBOX_TMP") or tempfile.gettempdir()
+    keep = frozenset(os.listdir(tempfile.tempdir))  # the worker's own files (its log, in fallback mode)
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
         started = time.perf_counter()
-        result = score(request["source"], x, y, request["limits"], split_indices)
+        result = score(request["source"], x, y, request["limits"], split_indices, keep)
         result["seconds"] = time.perf_counter() - started
-        for leftover in os.listdir(tempfile.tempdir):
-            if leftover.startswith("run-"):
-                shutil.rmtree(os.path.join(tempfile.tempdir, leftover), ignore_errors=True)
         out.write(json.dumps(result) + "\n")
         out.flush()
 
