@@ -1,33 +1,42 @@
-"""Turn `dvc exp show --json` into the comparison table of algorithms (means over seeds).
+"""Compare settings (algorithms, tunings) on the eval stages, with intervals and verdicts.
 
     dvc exp run --queue -S 'algo=etpo,ppo,grpo,best_of_n' -S 'seed=range(0,3)'
     dvc queue start                      # then wait for `dvc queue status` to show them done
-    python bench/compare.py [--json FILE] [--ceiling data/ceiling.json]
+    python bench/compare.py [--json FILE]
 
-Per algorithm: how many runs (seeds); the mean reward of each iteration, over all its actions and
-over first tries only (fresh states: comparable across iterations); the best reward found by
-the last iteration as a fraction of the ceiling (mean over tasks; a task never solved counts 0);
-the failure rate of each iteration; and the policy's perplexity on the held-out corpus relative to
-the reference's at the last iteration (1.00 = unchanged). Runs whose params differ only in `seed`
-form one row, labelled by `algo` and the params where they differ from the most common value
-(so a tuning run `-S etpo.lambda=1.0` gets its own row); `--by-name` gives one row per experiment.
+Runs whose params differ only in `seed` form one setting, labelled by `algo` and the params where
+they differ from the most common value. Per setting, from each run's eval@0 and eval@K rewards
+(`data/iterations/NNN/eval/rewards.json`, read from the experiment's commit):
+- eval@K: mean reward of the policy after the last update on fresh states, with its interval;
+- gain: eval@K - eval@0, paired sample by sample (all evals draw the same random numbers);
+- vs best_of_n: eval@K minus best_of_n's eval@K at the same seed, sample by sample, and a verdict:
+  better / worse when the interval excludes 0, else "cannot tell";
+- KL(pi_K || rho) per token, perplexity change on held-out text, environment steps (means).
+Intervals are 95% percentile bootstraps over seeds, and over samples within each (seed, task)
+(`pipeline/stats.py`): tasks are the fixed benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline.stages.ceiling import ceiling_fractions
+import numpy as np
+
+from pipeline.stats import Interval, bootstrap_mean
+
+SUMMARY = "data/report/summary.json"
+REWARDS = "data/iterations/{k:03d}/eval/rewards.json"
+REFERENCE = "best_of_n"
+SHOWN = ("kl_ref", "perplexity_change", "env_steps")  # summary numbers averaged over seeds
 
 
 def experiments(shown: object) -> list[dict]:
-    """Every experiment record (name, params, metrics by file) in `dvc exp show --json` output."""
+    """Every experiment record (name, rev, params, summary) in `dvc exp show --json` output."""
     found = []
 
     def walk(node: object) -> None:
@@ -35,9 +44,11 @@ def experiments(shown: object) -> list[dict]:
             data = node.get("data")
             if isinstance(data, dict) and "params" in data and "metrics" in data and node.get("name"):
                 params = (data["params"] or {}).get("params.yaml", {}).get("data", {})
-                metrics = {path: entry.get("data", {}) for path, entry in (data["metrics"] or {}).items()}
-                if params and any(metrics.values()):
-                    found.append({"name": node["name"], "params": params, "metrics": metrics})
+                summary = ((data["metrics"] or {}).get(SUMMARY) or {}).get("data", {})
+                if params and summary:
+                    found.append(
+                        {"name": node["name"], "rev": data.get("rev"), "params": params, "summary": summary}
+                    )
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -73,65 +84,51 @@ def setting_labels(exps: list[dict]) -> list[str]:
     ]
 
 
-def per_iteration(metrics: dict[str, dict]) -> list[tuple[int, dict]]:
-    rows = []
-    for path, values in metrics.items():
-        parts = Path(path).parts
-        evaluated = len(parts) >= 4 and parts[-2:] == ("metrics", "metrics.json")
-        if evaluated and values.get("reward"):
-            rows.append((int(parts[-3]), values))
-    return sorted(rows, key=lambda kv: kv[0])
+def read_rewards(rev: str | None, k: int) -> np.ndarray:
+    """(tasks, samples) eval@k rewards of the run at `rev` (the workspace when rev is not a commit)."""
+    path = REWARDS.format(k=k)
+    if rev and rev != "workspace":
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+    else:
+        text = Path(path).read_text()
+    rewards = json.loads(text)
+    return np.array([rewards[t] for t in sorted(rewards)], dtype=np.float64)
 
 
-def sd(xs: list[float]) -> float:
-    """Sample standard deviation over seeds (0 for one run, nan when a value is missing)."""
-    if any(math.isnan(x) for x in xs):
-        return float("nan")
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+def verdict(difference: Interval) -> str:
+    if difference.contains_zero():
+        return "cannot tell"
+    return "better" if difference.lo > 0 else "worse"
 
 
-def summarise(runs: list[dict], ceiling: dict[str, dict]) -> dict[str, object]:
-    """Means over the runs of one setting (its seeds)."""
-    by_iteration = [per_iteration(r["metrics"]) for r in runs]
-    n_iter = min(len(b) for b in by_iteration)
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-    rewards = [mean([b[i][1]["reward"]["mean"] for b in by_iteration]) for i in range(n_iter)]
-    first = [mean([b[i][1]["first_try"]["mean_reward"] for b in by_iteration]) for i in range(n_iter)]
-    failures = [mean([b[i][1]["reward"]["failure_rate"] for b in by_iteration]) for i in range(n_iter)]
-    fractions, perplexity = [], []
-    for b in by_iteration:
-        last = b[n_iter - 1][1]
-        fractions.append(ceiling_fractions(last.get("best", {}), ceiling).get("mean", float("nan")))
-        ppl = last.get("perplexity", {})
-        if ppl.get("reference"):
-            perplexity.append(ppl["policy"] / ppl["reference"])
-    return {
-        "runs": len(runs),
-        "mean_reward": rewards,
-        "first_try_reward": first,
-        "best_fraction": mean(fractions),
-        "best_fraction_sd": sd(fractions),
-        "last_first_try_sd": sd([b[n_iter - 1][1]["first_try"]["mean_reward"] for b in by_iteration]),
-        "failure_rate": failures,
-        "perplexity_ratio": mean(perplexity),
-    }
+def fmt(i: Interval) -> str:
+    return f"{i.mean:+.3f} [{i.lo:+.3f}, {i.hi:+.3f}]"
 
 
-def table(groups: dict[str, list[dict]], ceiling: dict[str, dict]) -> str:
+def table(groups: dict[str, list[dict]]) -> str:
+    """One markdown row per setting; rewards are (seed, tasks, samples) arrays."""
+    reference = {r["seed"]: r["eval_K"] for label, runs in groups.items() if label == REFERENCE for r in runs}
     lines = [
-        "| setting | runs | mean reward per iteration | first tries: mean reward (sd of the last) "
-        "| best found / ceiling "
-        "| failure rate per iteration | perplexity policy / reference |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | seeds | eval@K | gain over eval@0 | vs best_of_n (same seeds) | verdict "
+        "| KL to ref | perplexity | env steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, runs in sorted(groups.items()):
-        s = summarise(runs, ceiling)
-        fmt = lambda xs: " -> ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+        eval_k = np.stack([r["eval_K"] for r in runs])
+        gain = np.stack([r["eval_K"] - r["eval_0"] for r in runs])
+        paired = [r["eval_K"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
+        if label == REFERENCE or not paired:
+            against, word = "-", "-"
+        else:
+            diff = bootstrap_mean(np.stack(paired))
+            against, word = fmt(diff), verdict(diff)
+        mean = {k: statistics.fmean(r["summary"].get(k, float("nan")) for r in runs) for k in SHOWN}
         lines.append(
-            f"| {label} | {s['runs']} | {fmt(s['mean_reward'])} "
-            f"| {fmt(s['first_try_reward'])} ({s['last_first_try_sd']:.3f}) "
-            f"| {s['best_fraction']:.3f} "
-            f"(sd {s['best_fraction_sd']:.3f}) | {fmt(s['failure_rate'])} | {s['perplexity_ratio']:.3f} |"
+            f"| {label} | {len(runs)} | {fmt(bootstrap_mean(eval_k))} | {fmt(bootstrap_mean(gain))} "
+            f"| {against} | {word} | {mean['kl_ref']:.4f} | {mean['perplexity_change']:+.2%} "
+            f"| {mean['env_steps']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -141,8 +138,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", type=Path, help="saved `dvc exp show --json` output (default: run it)")
-    parser.add_argument("--ceiling", type=Path, default=Path("data/ceiling.json"))
-    parser.add_argument("--by-name", action="store_true", help="one row per experiment, not per algo")
+    parser.add_argument("--by-name", action="store_true", help="one row per experiment, not per setting")
     args = parser.parse_args()
     text = (
         args.json.read_text()
@@ -151,13 +147,20 @@ def main() -> None:
             ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
         ).stdout
     )
-    ceiling = json.loads(args.ceiling.read_text()) if args.ceiling.exists() else {}
-    groups: dict[str, list[dict]] = defaultdict(list)
     exps = experiments(json.loads(text))
     labels = [e["name"] for e in exps] if args.by_name else setting_labels(exps)
+    groups: dict[str, list[dict]] = defaultdict(list)
     for label, exp in zip(labels, exps, strict=True):
-        groups[label].append(exp)
-    print(table(groups, ceiling))
+        k = int(exp["summary"]["iterations"])
+        groups[label].append(
+            {
+                "seed": exp["params"].get("seed", 0),
+                "eval_0": read_rewards(exp["rev"], 0),
+                "eval_K": read_rewards(exp["rev"], k),
+                "summary": exp["summary"],
+            }
+        )
+    print(table(groups))
 
 
 if __name__ == "__main__":

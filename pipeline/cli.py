@@ -255,6 +255,46 @@ def evaluate(
     typer.echo(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
 
+@app.command("eval")
+@friendly
+def eval_policy(
+    iteration: Annotated[int, typer.Option(min=0, help="k: the policy after train@k (0: the warm start).")],
+    out: Annotated[Path, typer.Option(help="The folder for samples, rewards and metrics.")],
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")],
+    base: Annotated[Path, typer.Option(help="The warm-started base model.")],
+    adapters: Annotated[Optional[Path], typer.Option(help="Adapters of iteration k; none at k = 0.")] = None,  # noqa: UP045
+    ceiling: Annotated[Optional[Path], typer.Option(help="ceiling.json, for fractions of it.")] = None,  # noqa: UP045
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Fresh states only, eval.samples_per_task bodies per task, paired across runs; 95% intervals."""
+    from pipeline.stages import policy_eval as stage
+
+    if (adapters is None) != (iteration == 0):
+        raise UsageError("eval: --adapters is required for k >= 1 and must be left out at k = 0")
+    config = load_config(params)
+    cache = EXEC_CACHE if config.executor.cache else None
+    metrics = stage.run(config, iteration, tasks_dir, base, out, adapters, ceiling, cache)
+    shown = ("mean/reward", "mean/reward_lo", "mean/reward_hi", "mean/success", "kl_ref")
+    typer.echo(f"eval@{iteration}: " + " ".join(f"{k}={metrics[k]:.3f}" for k in shown))
+
+
+@app.command()
+@friendly
+def report(
+    iterations: Annotated[Path, typer.Option(help="The iterations folder (eval@k in NNN/eval).")],
+    out: Annotated[Path, typer.Option(help="The folder for summary.json, eval_history.json, curves.png.")],
+) -> None:
+    """The run in a few numbers: eval@0 and eval@K with intervals, the paired gain, KL, steps."""
+    from pipeline.stages import report as stage
+
+    s = stage.run(iterations, out)
+    typer.echo(
+        f"eval@0 {s['eval_0']:.3f} [{s['eval_0_lo']:.3f}, {s['eval_0_hi']:.3f}]  "
+        f"eval@{s['iterations']} {s['eval_K']:.3f} [{s['eval_K_lo']:.3f}, {s['eval_K_hi']:.3f}]  "
+        f"gain {s['gain']:+.3f} [{s['gain_lo']:+.3f}, {s['gain_hi']:+.3f}]  env steps {s['env_steps']:.0f}"
+    )
+
+
 @app.command()
 @friendly
 def inspect(

@@ -176,6 +176,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """eval@k: the policy after train@k on fresh states, the numbers runs are compared on."""
+
+    samples_per_task: int = field(default=16, metadata=_range(1, 100_000))
+    """Bodies drawn per task at every eval (the interval's width shrinks with its square root)."""
+    seed: int = field(default=20261127, metadata=_range(0, 2**31 - 1))
+    """Apart from `seed` and `algo`: every run and iteration draws the same random numbers, so
+    differences between runs are paired sample by sample (common random numbers)."""
+
+
+@dataclass(frozen=True)
 class IterationEntry:
     """One unrolled RL iteration of dvc.yaml's `foreach` (DVC has no arithmetic in templates)."""
 
@@ -200,6 +211,7 @@ class Config:
     ppo: PpoConfig = field(default_factory=PpoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     iterations: dict[str, IterationEntry] = field(default_factory=dict)
     """"NNN": {k: N, prev: "N-1"} for k = 1..K, consecutive; add an entry to run one more."""
 

@@ -20,6 +20,7 @@ def tiny_params(text: str) -> str:
     params["model"]["preset"] = "tiny"
     params["warmstart"]["steps"] = 0
     params["sampling"].update(samples_per_state=2, max_new_tokens=16)
+    params["eval"]["samples_per_task"] = 4
     params["iterations"] = {k: v for k, v in params["iterations"].items() if k in ("001", "002")}
     return yaml.safe_dump(params, sort_keys=False)
 

@@ -1,4 +1,10 @@
-"""evaluate@k: reward statistics, best reward so far per task, episode length, KL, perplexity.
+"""evaluate@k: statistics of iteration k's training samples, best reward so far, KL, perplexity.
+
+Read what these describe: the samples of iteration k were drawn by the adapters of k-1 (the
+behaviour policy), on fresh states and on reflection states whose number depends on earlier
+failures. So reward statistics are split by step index (`step0` = first tries, `step1` = first
+reflections, ...), and the policy after train@k is judged by eval@k (`policy_eval.py`), not here.
+Perplexity, in contrast, is measured with the adapters of k.
 
 Also carried from iteration to iteration: the best body found so far per task (`best_bodies.json`)
 and the per-iteration history (`history.json`, a DVC plot), drawn as `curves.png` (DVC's HTML
@@ -75,6 +81,8 @@ def history_row(iteration: int, metrics: dict[str, float]) -> dict[str, float]:
     best = [v for k, v in metrics.items() if k.startswith("best/")]
     row = {
         "iteration": iteration,
+        "env_steps": metrics["env_steps"],
+        **{k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("best/")},
         "mean_reward": metrics["reward/mean"],
         "best_reward": sum(best) / len(best),
         "failure_rate": metrics["reward/failure_rate"],
@@ -104,7 +112,9 @@ def draw_curves(history: list[dict[str, float]], out: Path) -> None:
     plt.close(fig)
 
 
-def reward_metrics(targets: pl.DataFrame, previous_best: dict[str, float]) -> dict[str, float]:
+def reward_metrics(
+    targets: pl.DataFrame, previous_best: dict[str, float], previous_steps: float = 0.0
+) -> dict[str, float]:
     metrics = {
         "reward/mean": targets["reward"].mean(),
         "reward/success_rate": (targets["status"] == "ok").mean(),
@@ -112,13 +122,11 @@ def reward_metrics(targets: pl.DataFrame, previous_best: dict[str, float]) -> di
         "policy/kl_ref": targets["kl_ref"].explode().mean(),
         "policy/entropy": targets["entropy"].explode().mean(),
     }
-    first = targets.filter(pl.col("step") == 0)  # fresh states only: comparable across iterations
-    if first.height:
-        metrics["first_try/mean_reward"] = first["reward"].mean()
-        metrics["first_try/success_rate"] = (first["status"] == "ok").mean()
-    ended = targets.filter(pl.col("done"))
-    if ended.height:
-        metrics["episode/mean_length"] = (ended["step"] + 1).mean()
+    for step, group in sorted(targets.group_by("step"), key=lambda g: g[0][0]):
+        metrics[f"step{step[0]}/actions"] = group.height
+        metrics[f"step{step[0]}/mean_reward"] = group["reward"].mean()
+        metrics[f"step{step[0]}/success_rate"] = (group["status"] == "ok").mean()
+    metrics["env_steps"] = previous_steps + targets.height  # actions executed in iterations 1..k
     for task, best in targets.group_by("task").agg(pl.col("reward").max()).iter_rows():
         metrics[f"best/{task}"] = max(best, previous_best.get(task, -1.0))
     return {k: float(v) for k, v in metrics.items()}
@@ -136,7 +144,7 @@ def run(
     frame = pl.from_arrow(read_trajectories(targets, "targets"))
     previous_dir = previous_metrics.parent if previous_metrics else None
     previous = read_json(previous_metrics, {})
-    metrics = reward_metrics(frame, previous.get("best", {}))  # DVCLive nests "best/<task>"
+    metrics = reward_metrics(frame, previous.get("best", {}), previous.get("env_steps", 0.0))  # nested
     if ceiling:
         best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/")}
         fractions = ceiling_fractions(best, read_json(ceiling, {}))
