@@ -56,7 +56,9 @@ def experiments(shown: object) -> list[dict]:
                 walk(value)
 
     walk(shown)
-    unique = {e["name"]: e for e in found}  # the workspace repeats the last experiment applied
+    unique = {e["name"]: e for e in found}
+    if len(unique) > 1:
+        unique.pop("workspace", None)  # it repeats the last experiment applied
     return list(unique.values())
 
 

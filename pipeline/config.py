@@ -184,6 +184,9 @@ class EvalConfig:
     seed: int = field(default=20261127, metadata=_range(0, 2**31 - 1))
     """Apart from `seed` and `algo`: every run and iteration draws the same random numbers, so
     differences between runs are paired sample by sample (common random numbers)."""
+    iterations: list[str] = field(default_factory=list)
+    """Keys of `iterations` evaluated after their train stage (dvc.yaml's eval foreach); eval@0
+    always runs. Must include the last iteration; list fewer to thin the middle ones."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,20 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     config = _build(Config, data)
     _check_tasks(config.tasks)
     _check_iterations(config.iterations)
+    _check_evals(config.eval.iterations, list(config.iterations))
     return config
+
+
+def _check_evals(evals: list[str], iterations: list[str]) -> None:
+    for i, key in enumerate(evals):
+        if key not in iterations:
+            raise ConfigError(
+                f"eval.iterations[{i}]: {key!r} is not a key of iterations ({', '.join(iterations)})"
+            )
+    if iterations and iterations[-1] not in evals:
+        raise ConfigError(f"eval.iterations: must include the last iteration {iterations[-1]!r}")
+    if len(set(evals)) != len(evals):
+        raise ConfigError("eval.iterations: an iteration is listed twice")
 
 
 def _check_iterations(iterations: dict[str, IterationEntry]) -> None:

@@ -57,8 +57,8 @@ def test_cli_missing_params_file(tmp_path):
     assert "no such params file" in result.output
 
 
-def test_dvc_artifacts_and_plots_follow_the_iterations():
-    """dvc.yaml cannot template its top-level artifacts and plots: they follow params.iterations."""
+def test_dvc_artifacts_follow_the_iterations():
+    """dvc.yaml cannot template its top-level artifacts: they follow params.iterations."""
     import yaml
 
     iterations = load_config(REPO / "params.yaml").iterations
@@ -67,9 +67,20 @@ def test_dvc_artifacts_and_plots_follow_the_iterations():
     assert set(artifacts) == {f"adapters-{k}" for k in iterations}
     for k in iterations:
         assert artifacts[f"adapters-{k}"]["path"] == f"data/iterations/{k}/adapters"
-    last = f"data/iterations/{max(iterations)}/metrics"
-    curves, png = dvc_yaml["plots"]
-    assert list(curves["reward-curves"]["y"]) == [f"{last}/history.json"] and png == f"{last}/curves.png"
+
+
+@pytest.mark.parametrize(
+    ("evals", "message"),
+    [
+        ('["001", "004"]', "eval.iterations\\[1\\]: '004' is not a key of iterations"),
+        ('["001"]', "eval.iterations: must include the last iteration '002'"),
+        ('["002", "002"]', "listed twice"),
+    ],
+)
+def test_eval_iterations_are_checked(tmp_path, evals, message):
+    iterations = 'iterations: {"001": {k: 1, prev: "000"}, "002": {k: 2, prev: "001"}}'
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"eval: {{iterations: {evals}}}\n{iterations}"))
 
 
 def test_iterations_must_be_consecutive(tmp_path):

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, set_params
 
 
 def tiny_params(text: str) -> str:
@@ -20,13 +20,13 @@ def tiny_params(text: str) -> str:
     params["model"]["preset"] = "tiny"
     params["warmstart"]["steps"] = 0
     params["sampling"].update(samples_per_state=2, max_new_tokens=16)
-    params["eval"]["samples_per_task"] = 4
+    params["eval"].update(samples_per_task=4, iterations=["001", "002"])
     params["iterations"] = {k: v for k, v in params["iterations"].items() if k in ("001", "002")}
     return yaml.safe_dump(params, sort_keys=False)
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra_env or {})}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -43,8 +43,6 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (copy / "params.yaml").write_text(tiny_params((REPO / "params.yaml").read_text()))
     dvc_yaml = yaml.safe_load((copy / "dvc.yaml").read_text())
     dvc_yaml["artifacts"] = {k: v for k, v in dvc_yaml["artifacts"].items() if k != "adapters-003"}
-    plots = yaml.safe_dump(dvc_yaml["plots"]).replace("iterations/003/", "iterations/002/")
-    dvc_yaml["plots"] = yaml.safe_load(plots)
     (copy / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     run(["git", "init", "-q"], copy)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], copy)
@@ -74,8 +72,13 @@ def test_every_stage_output_exists(repo_copy):
             "metrics/best_bodies.json",
             "metrics/curves.png",
             "train/metrics.json",
+            "eval/samples.parquet",
+            "eval/rewards.json",
+            "eval/metrics.json",
         ):
             assert (repo_copy / "data/iterations" / k / name).exists(), (k, name)
+    for name in ("summary.json", "eval_history.json", "best_history.json", "curves.png"):
+        assert (repo_copy / "data/report" / name).exists(), name
 
 
 def test_curves_best_bodies_and_ceiling(repo_copy):
@@ -83,14 +86,44 @@ def test_curves_best_bodies_and_ceiling(repo_copy):
     history = json.loads((last / "history.json").read_text())
     assert [h["iteration"] for h in history] == [1, 2]
     assert {"mean_reward", "best_reward", "failure_rate", "best_fraction_of_ceiling"} <= set(history[-1])
-    assert (last / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert history[-1]["env_steps"] > history[0]["env_steps"] > 0
     ceiling = json.loads((repo_copy / "data/ceiling.json").read_text())
     assert set(ceiling) == {"iris", "balance-scale"}
     assert all(0.9 < c["score"] <= 1.0 and c["grid_size"] == 33 for c in ceiling.values())
-    assert json.loads((last / "metrics.json").read_text())["ceiling_fraction"]["mean"] >= 0.0
+    metrics = json.loads((last / "metrics.json").read_text())
+    assert metrics["ceiling_fraction"]["mean"] >= 0.0 and metrics["step0"]["actions"] == 4
+    assert (repo_copy / "data/report/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo_copy))
-    assert not [e for e in shown.get("errors", []) if "history" in e.get("source", "")]
-    assert "reward-curves" in shown.get("data", shown)
+    assert not [e for e in shown.get("errors", []) if "report" in e.get("source", "")]
+    assert {"eval-curves", "best-explored"} <= set(shown.get("data", shown))
+
+
+def test_eval_and_report(repo_copy):
+    for k in ("000", "001", "002"):
+        rewards = json.loads((repo_copy / f"data/iterations/{k}/eval/rewards.json").read_text())
+        assert {t: len(r) for t, r in rewards.items()} == {"iris": 4, "balance-scale": 4}
+        metrics = json.loads((repo_copy / f"data/iterations/{k}/eval/metrics.json").read_text())
+        for task in ("iris", "balance-scale", "mean"):
+            m = metrics[task]
+            assert m["reward_lo"] <= m["reward"] <= m["reward_hi"], (k, task, m)
+    summary = json.loads((repo_copy / "data/report/summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["env_steps"] > 0
+    assert summary["gain"] == pytest.approx(summary["eval_K"] - summary["eval_0"])
+    assert set(summary["task"]) == {"iris", "balance-scale"}
+
+
+def test_eval_at_0_is_the_same_for_every_algo_and_seed(repo_copy, tmp_path):
+    """eval@0 depends on neither seed nor algo: rerun it under others and get the same bytes."""
+    params = tmp_path / "params.yaml"
+    params.write_text((repo_copy / "params.yaml").read_text())
+    set_params(params, {"seed": 7, "algo": "ppo"})
+    out = tmp_path / "eval"
+    cmd = ["etpo", "eval", "--iteration", "0", "--tasks-dir", "data/tasks", "--base", "data/models/warm"]
+    run([*cmd, "--ceiling", "data/ceiling.json", "--out", str(out), "--params", str(params)], repo_copy)
+    shipped = repo_copy / "data/iterations/000/eval"
+    assert (out / "rewards.json").read_bytes() == (shipped / "rewards.json").read_bytes()
+    assert pl.read_parquet(out / "samples.parquet").equals(pl.read_parquet(shipped / "samples.parquet"))
+    assert (out / "metrics.json").read_bytes() == (shipped / "metrics.json").read_bytes()
 
 
 def test_exp_show_has_the_metrics(repo_copy):
@@ -107,15 +140,20 @@ def test_second_repro_is_a_no_op(repo_copy):
 def test_exp_run_with_a_changed_param_reruns_only_what_depends_on_it(repo_copy):
     out = run(["dvc", "exp", "run", "-S", "etpo.beta=0.05"], repo_copy)
     assert "Running stage 'targets@001'" in out and "Running stage 'train@001'" in out
-    for unchanged in ("prepare", "bootstrap", "warmstart", "init", "sample@001", "execute@001"):
+    for unchanged in ("prepare", "bootstrap", "warmstart", "init", "sample@001", "execute@001", "eval-warm"):
         assert f"Running stage '{unchanged}'" not in out, unchanged
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "best_of_n"])
-def test_each_baseline_runs_two_iterations(repo_copy, algo):
-    out = run(["dvc", "exp", "run", "-S", f"algo={algo}"], repo_copy)
+@pytest.mark.parametrize(
+    ("algo", "seed"), [("ppo", 0), ("grpo", 0), ("best_of_n", 0), ("best_of_n", 1), ("ppo", 1)]
+)
+def test_each_baseline_runs_two_iterations(repo_copy, algo, seed):
+    out = run(
+        ["dvc", "exp", "run", "-n", f"{algo}-s{seed}", "-S", f"algo={algo}", "-S", f"seed={seed}"], repo_copy
+    )
+    assert "Running stage 'eval-warm'" not in out  # shared by every algo and seed
     for k in ("001", "002"):
-        assert f"Running stage 'train@{k}'" in out and f"Running stage 'evaluate@{k}'" in out
+        assert f"Running stage 'train@{k}'" in out and f"Running stage 'eval@{k}'" in out
         targets = pl.read_parquet(repo_copy / f"data/iterations/{k}/targets.parquet")
         advantages = targets["advantage"].explode()
         assert len(advantages) == targets["completion_ids"].list.len().sum()
@@ -128,11 +166,22 @@ def test_each_baseline_runs_two_iterations(repo_copy, algo):
     assert (trained.read_bytes() == start.read_bytes()) == (algo == "best_of_n")
 
 
-def test_compare_turns_exp_show_into_a_table(repo_copy):
+def test_compare_prints_intervals_and_verdicts(repo_copy):
     compare = REPO / "bench" / "compare.py"
     out = run([sys.executable, str(compare)], repo_copy)
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
     assert {"etpo", "ppo", "grpo", "best_of_n"} <= set(rows), out + run(["dvc", "exp", "show"], repo_copy)
-    assert " -> " in rows["ppo"]  # a value per iteration
+    assert rows["best_of_n"][2].strip() == "2" and rows["ppo"][2].strip() == "2"  # seeds 0 and 1
+    assert rows["ppo"][6].strip() in ("better", "worse", "cannot tell")
+    assert "[" in rows["ppo"][3] and "[" in rows["ppo"][5]  # intervals
     by_name = run([sys.executable, str(compare), "--by-name"], repo_copy)
-    assert len([line for line in by_name.splitlines() if line.startswith("| ")]) >= 1 + 4
+    assert len([line for line in by_name.splitlines() if line.startswith("| ")]) >= 1 + 5
+
+
+def test_exp_show_summary_fits_120_columns(repo_copy):
+    keep = "Experiment|^algo$|^seed$|^eval_0$|^eval_K$|^gain|^kl_ref$|^env_steps$"
+    env = {"COLUMNS": "120"}
+    out = run(["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", keep], repo_copy, env)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 120, out
+    assert any("gain" in line for line in lines) and any("best_of_n" in line for line in lines), out
