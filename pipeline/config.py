@@ -39,7 +39,7 @@ class CustomTask:
 @dataclass(frozen=True)
 class TasksConfig:
     names: list[str] = field(
-        default_factory=lambda: ["balance-scale", "tic-tac-toe", "breast_cancer", "iris"]
+        default_factory=lambda: ["credit-g", "cmc", "pc1", "tic-tac-toe"]
     )
     """Built-in tasks to prepare (see `etpo prepare --help` for the list)."""
     custom: list[CustomTask] = field(default_factory=list)

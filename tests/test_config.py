@@ -16,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_repo_params_load():
     config = load_config(REPO / "params.yaml")
-    assert "balance-scale" in config.tasks.names
+    assert "credit-g" in config.tasks.names
     assert config.executor.timeout_s > 0
 
 

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.config import ExecutorConfig
 from pipeline.sandbox.executor import Executor, bwrap_available
-from pipeline.tasks.datasets import load_task
+from pipeline.tasks.datasets import build_tasks, load_task, save_tasks
 from pipeline.tasks.prompts import program, state_source
 from tests.conftest import REPO
 
@@ -269,3 +269,15 @@ def test_rank_auc_equals_sklearn_with_ties(n_classes):
             roc_auc_score(y, proba[:, 1]) if n_classes == 2 else roc_auc_score(y, proba, multi_class="ovo")
         )
         assert auc(y, proba, n_classes) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_ceiling_body_scores_on_each_of_the_papers_datasets(tmp_path):
+    from pipeline.stages.ceiling import grid_bodies
+
+    names = ["credit-g", "diabetes", "cmc", "pc1", "breast-w"]
+    save_tasks(build_tasks(names, []), tmp_path)
+    forest = next(b for b in grid_bodies() if "RandomForestClassifier(n_estimators=50" in b)
+    with Executor(tmp_path, ExecutorConfig(timeout_s=20.0, workers=2)) as ex:
+        results = ex.run_many([(name, source_for(tmp_path, name, forest)) for name in names])
+    for name, result in zip(names, results, strict=True):
+        assert result.status == "ok" and 0.6 < result.reward < 1.0, (name, result)
