@@ -212,7 +212,7 @@ def targets(
     adapters: PrevAdaptersOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Per-token soft Bellman targets and diagnostics (DESIGN §1, §4)."""
+    """Per-token soft Bellman targets and diagnostics (docs/design.md §1, §4)."""
     from pipeline.stages import targets as stage
 
     rows = stage.run(load_config(params), executed, base, out, adapters)

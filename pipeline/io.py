@@ -1,4 +1,4 @@
-"""Artifacts on disk: atomic writes and the trajectory Parquet schema (DESIGN §4).
+"""Artifacts on disk: atomic writes and the trajectory Parquet schema (docs/design.md §4).
 
 Atomic: a reader never sees a half-written artifact, and a crash leaves none behind.
 """
@@ -70,7 +70,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-# --- Trajectories: one row per action (DESIGN §4) -------------------------------------------------
+# --- Trajectories: one row per action (docs/design.md §4) -------------------------------------------------
 
 F32_LIST = pa.list_(pa.float32())
 SAMPLED_FIELDS = [

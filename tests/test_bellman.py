@@ -11,7 +11,7 @@ from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
 
 
 def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param):
-    """DESIGN §1 written token by token, vocabulary sums as plain Python sums."""
+    """docs/design.md §1 written token by token, vocabulary sums as plain Python sums."""
     B, T, V = z_pi.shape
     out = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):

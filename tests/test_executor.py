@@ -1,4 +1,4 @@
-"""The executor scores exactly as DESIGN §2 and contains hostile programs."""
+"""The executor scores exactly as docs/design.md §2 and contains hostile programs."""
 
 import json
 import os
@@ -35,7 +35,7 @@ def source_for(tasks_dir: Path, task: str, body: str) -> str:
 
 
 def direct_reward(x, y, make_model) -> tuple[float, float]:
-    """DESIGN §2 written out with scikit-learn: 5 shuffled stratified 50/50 splits, seeds 0..4."""
+    """docs/design.md §2 written out with scikit-learn: 5 shuffled stratified 50/50 splits, seeds 0..4."""
     scores = []
     for seed in range(5):
         x_tr, x_te, y_tr, y_te = train_test_split(

@@ -1,4 +1,4 @@
-"""Per-token soft Bellman backup of ETPO (DESIGN §1). Pure tensor functions, no I/O.
+"""Per-token soft Bellman backup of ETPO (docs/design.md §1). Pure tensor functions, no I/O.
 
 Shapes: B actions, T token positions (padded), V vocabulary. Position j of an action is the
 prefix (s_t, w^{<j}); its logits predict w^j. All softmaxes are at temperature 1.

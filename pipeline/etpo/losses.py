@@ -1,4 +1,4 @@
-"""ETPO losses (DESIGN §1), as pure functions of logits and per-token targets.
+"""ETPO losses (docs/design.md §1), as pure functions of logits and per-token targets.
 
     critic:  L_Q  = Huber_delta(Q_phi(w^j) - y_j)                 y_j a constant
     policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached

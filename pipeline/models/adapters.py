@@ -2,7 +2,7 @@
 
 The reference policy rho is the base with adapters disabled (`reference(model)`). LoRA's B matrix
 starts at zero, so every adapter starts as the identity: the policy equals rho, and the residual
-critic Q = beta * (z_critic - z_rho) is exactly zero, as DESIGN §1 requires.
+critic Q = beta * (z_critic - z_rho) is exactly zero, as docs/design.md §1 requires.
 
 `model.value_head` (hidden -> 1, zero at first) reads a state value from the critic adapter's last
 hidden state: the PPO baseline's value function. ETPO does not use it.

@@ -2,7 +2,7 @@
 
 Uses `model.generate` (the KV cache, padding and sampling warpers are Hugging Face's) and records,
 per sampled token, its log-probability under the distribution it was drawn from (temperature,
-top-k and top-p applied): the behaviour log-probs of DESIGN §4.
+top-k and top-p applied): the behaviour log-probs of docs/design.md §4.
 """
 
 from __future__ import annotations

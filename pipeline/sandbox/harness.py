@@ -53,7 +53,7 @@ import sklearn.preprocessing  # noqa: F401
 import sklearn.svm  # noqa: F401
 import sklearn.tree  # noqa: F401
 
-N_SPLITS = 5  # shuffled 50/50 splits with seeds 0..4 (DESIGN §2)
+N_SPLITS = 5  # shuffled 50/50 splits with seeds 0..4 (docs/design.md §2)
 NOBODY = 65534
 BANNED = ("GridSearchCV", "RandomizedSearchCV", "HalvingGridSearchCV", "HalvingRandomSearchCV")
 MAX_ERROR = 4000
@@ -61,7 +61,7 @@ IN_PID_NAMESPACE = os.environ.get("ETPO_SANDBOX_PIDNS") == "1"
 
 
 class Failure(Exception):
-    """A scored failure: carries the status of DESIGN §2."""
+    """A scored failure: carries the status of docs/design.md §2."""
 
     def __init__(self, status, message):
         super().__init__(message)

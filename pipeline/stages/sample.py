@@ -1,4 +1,4 @@
-"""sample@k: the open episodes' states -> one sampled action each -> trajectories (DESIGN §4)."""
+"""sample@k: the open episodes' states -> one sampled action each -> trajectories (docs/design.md §4)."""
 
 from __future__ import annotations
 

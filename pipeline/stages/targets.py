@@ -35,7 +35,7 @@ def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -
 
 @torch.no_grad()
 def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | None, etpo: EtpoConfig) -> dict:
-    """The per-token columns of DESIGN §4 for one executed action."""
+    """The per-token columns of docs/design.md §4 for one executed action."""
     batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
     z = {k: action_logits(model, batch, a) for k, a in ADAPTER_FOR.items()}  # each (1, n, V)
     stats = token_stats(
