@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stats import Interval, bootstrap_mean
+from pipeline.stats import Interval, bootstrap_mean, samples_needed
 
 SUMMARY = "data/report/summary.json"
 REWARDS = "data/iterations/{k:03d}/eval/rewards.json"
@@ -135,6 +135,29 @@ def table(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def power_note(groups: dict[str, list[dict]]) -> str:
+    """How many eval samples per task a paired difference of 0.05 in mean reward would need."""
+    reference = {r["seed"]: r["eval_K"] for r in groups.get(REFERENCE, [])}
+    diffs = [
+        r["eval_K"] - reference[r["seed"]]
+        for label, runs in groups.items()
+        if label != REFERENCE
+        for r in runs
+        if r["seed"] in reference
+    ]
+    if not diffs:
+        return ""
+    per_task = np.concatenate(diffs)  # (runs x tasks, samples)
+    sd = float(per_task.std(ddof=1))
+    n_tasks = per_task.shape[0] // len(diffs)
+    total = samples_needed(sd, 0.05)
+    return (
+        f"\nsd of per-sample paired differences against {REFERENCE}: {sd:.3f}; a difference of 0.05 in "
+        f"mean reward needs ~{total} paired samples (80% power, 5% level), ~{-(-total // n_tasks)} per task "
+        f"over {n_tasks} tasks, pooled over seeds."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +186,7 @@ def main() -> None:
             }
         )
     print(table(groups))
+    print(power_note(groups))
 
 
 if __name__ == "__main__":

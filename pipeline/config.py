@@ -38,9 +38,7 @@ class CustomTask:
 
 @dataclass(frozen=True)
 class TasksConfig:
-    names: list[str] = field(
-        default_factory=lambda: ["credit-g", "cmc", "pc1", "tic-tac-toe"]
-    )
+    names: list[str] = field(default_factory=lambda: ["credit-g", "cmc", "pc1", "tic-tac-toe"])
     """Built-in tasks to prepare (see `etpo prepare --help` for the list)."""
     custom: list[CustomTask] = field(default_factory=list)
     """Extra user datasets; each becomes a task under its `name`."""
@@ -122,8 +120,8 @@ class WarmstartConfig:
     corpus_size: int = field(default=512, metadata=_range(1, 1_000_000))
     """Synthetic (state, body) examples drawn from the grammar."""
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
-    """The corpus's and the LoRA's seed; apart from `seed`, so RL runs of several seeds share one
-    warm-started model (the fixed starting point every algorithm is compared from)."""
+    """The corpus's, the LoRA's and the tiny preset's weights' seed; apart from `seed`, so RL runs
+    of several seeds share one warm-started model (the fixed point every algorithm starts from)."""
 
 
 @dataclass(frozen=True)
