@@ -11,12 +11,15 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from pipeline.config import SamplingConfig
-from pipeline.tasks.prompts import cut_body
+from pipeline.config import Config, SamplingConfig
+from pipeline.models.adapters import load_adapters
+from pipeline.models.base import load_base
+from pipeline.tasks.prompts import cut_body, find_fim_tokens
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,16 @@ class Completion:
     behaviour_logprobs: list[float]
     body: str  # the completion text cut by the stop rule
     truncated: bool  # ended by max_new_tokens, not by the stop rule or EOS
+
+
+def load_sampler(config: Config, base_dir: Path, adapters: Path | None) -> tuple:
+    """(model, tokenizer, fim tokens or None): the policy of `adapters` (none: the base) in eval mode."""
+    model, tokenizer = load_base(base_dir, config.model.device)
+    if adapters is not None:
+        model = load_adapters(model, adapters)  # policy adapter active
+    model.eval()
+    fim = find_fim_tokens(tokenizer.get_vocab()) if config.prompt.format == "fim" else None
+    return model, tokenizer, fim
 
 
 def stream_seed(*parts: object) -> int:

@@ -25,13 +25,11 @@ from rich.progress import Progress
 from pipeline.config import Config
 from pipeline.etpo.logits import ActionBatch, action_logits
 from pipeline.io import read_json, write_atomic, write_json
-from pipeline.models.adapters import load_adapters
-from pipeline.models.base import load_base
-from pipeline.models.generate import sample, stream_seed
+from pipeline.models.generate import load_sampler, sample, stream_seed
 from pipeline.sandbox.executor import Executor
 from pipeline.stats import bootstrap_mean
 from pipeline.tasks.datasets import load_task
-from pipeline.tasks.prompts import find_fim_tokens, program, render, state_source
+from pipeline.tasks.prompts import program, render, state_source
 
 SAMPLES, REWARDS, METRICS = "samples.parquet", "rewards.json", "metrics.json"
 
@@ -76,11 +74,7 @@ def run(
 ) -> dict[str, float]:
     """Sample, score and summarise; write the three outputs into `out`; return the metrics."""
     tasks = [load_task(tasks_dir, name) for name in config.tasks.all_names]
-    model, tokenizer = load_base(base_dir, config.model.device)
-    if adapters is not None:
-        model = load_adapters(model, adapters)  # policy adapter active
-    model.eval()
-    fim = find_fim_tokens(tokenizer.get_vocab()) if config.prompt.format == "fim" else None
+    model, tokenizer, fim = load_sampler(config, base_dir, adapters)
     states = [
         state_source(t.description, t.x.shape) for t in tasks for _ in range(config.eval.samples_per_task)
     ]

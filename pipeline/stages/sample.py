@@ -8,13 +8,11 @@ from rich.progress import Progress
 
 from pipeline.config import Config
 from pipeline.io import read_trajectories, write_trajectories
-from pipeline.models.adapters import load_adapters
-from pipeline.models.base import load_base
-from pipeline.models.generate import sample, stream_seed
+from pipeline.models.generate import load_sampler, sample, stream_seed
 from pipeline.stages.common import artifact_metadata
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.episodes import continuing_states, fresh_states
-from pipeline.tasks.prompts import find_fim_tokens, render
+from pipeline.tasks.prompts import render
 
 
 def run(
@@ -31,11 +29,7 @@ def run(
     states = fresh_states(tasks, iteration, config.sampling.samples_per_state)
     if previous is not None:
         states += continuing_states(read_trajectories(previous, "executed").to_pylist())
-    model, tokenizer = load_base(base_dir, config.model.device)
-    if adapters is not None:
-        model = load_adapters(model, adapters)  # policy adapter active
-    model.eval()
-    fim = find_fim_tokens(tokenizer.get_vocab()) if config.prompt.format == "fim" else None
+    model, tokenizer, fim = load_sampler(config, base_dir, adapters)
     prompts = [render(s.state, fim) for s in states]
     with Progress() as progress:
         bar = progress.add_task(f"sample@{iteration}", total=len(prompts))
