@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
-	$(BIN)/etpo summary
+	$(BIN)/etpo summary --iterations data/iterations
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" pytest -q -ra

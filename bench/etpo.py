@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from pipeline.config import EtpoConfig, LoraConfig, TrainConfig
+from pipeline.config import load_config
 from pipeline.etpo.bellman import q_targets, token_stats
 
 B, T, V, CHUNK = 8, 256, 49152, 64
+DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -90,14 +93,17 @@ def memory_bench() -> None:
 
 
 def update_bench(model_dir: str) -> None:
-    from pipeline.etpo.logits import ActionBatch
-    from pipeline.etpo.train import train_etpo
+    from functools import partial
+
+    from pipeline.etpo.train import etpo_update
     from pipeline.models.adapters import attach_adapters
     from pipeline.models.base import load_base
+    from pipeline.models.logits import ActionBatch
+    from pipeline.models.update import train_adapters
 
     model, tokenizer = load_base(model_dir)
     torch.manual_seed(0)
-    peft_model = attach_adapters(model, LoraConfig())
+    peft_model = attach_adapters(model, DEFAULTS.lora)
     gen = torch.Generator().manual_seed(0)
     rows = [
         {
@@ -108,9 +114,10 @@ def update_bench(model_dir: str) -> None:
         for _ in range(4)
     ]
     tokens = 4 * 160
-    train = TrainConfig(epochs=1, minibatch_size=4)
+    train = replace(DEFAULTS.train, epochs=1, minibatch_size=4)
+    update = partial(etpo_update, etpo=DEFAULTS.etpo)
     etpo_s = timed(
-        lambda: train_etpo(peft_model, rows, tokenizer.pad_token_id, EtpoConfig(), train, 0), repeat=2
+        lambda: train_adapters(peft_model, rows, tokenizer.pad_token_id, update, train, 0), repeat=2
     )
 
     peft_model.set_adapter("policy")

@@ -18,15 +18,17 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ExecutorConfig
+from pipeline.config import load_config
 from pipeline.sandbox.executor import HARNESS_PATH, Executor, bwrap_available
 from pipeline.tasks.datasets import build_tasks, save_tasks
 from pipeline.tasks.prompts import program, state_source
 
+DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 TASK = "balance-scale"
 FAMILIES = [  # (module, estimator, arguments with {} for the varied value, five values)
     ("sklearn.linear_model", "LogisticRegression", "C={}, max_iter=500", [0.1, 0.3, 1, 3, 10]),
@@ -127,7 +129,7 @@ def main() -> None:
             (2, work, "50 ordinary bodies, 2 at a time"),
             (1, idle, "50 near-empty bodies, 1 at a time"),
         ):
-            config = ExecutorConfig(workers=parallel, cache=False, timeout_s=60)
+            config = replace(DEFAULTS.executor, workers=parallel, cache=False, timeout_s=60)
             with Executor(tmp, config) as executor:
                 started = time.perf_counter()
                 executor.run_many([(TASK, s) for s in sources[:parallel]])  # start the workers

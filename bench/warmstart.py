@@ -14,14 +14,17 @@ import re
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
+from pathlib import Path
 
-from pipeline.config import ExecutorConfig, SamplingConfig
+from pipeline.config import load_config
 from pipeline.models.base import load_base
 from pipeline.models.generate import sample
 from pipeline.sandbox.executor import Executor
 from pipeline.tasks.datasets import build_tasks, save_tasks
 from pipeline.tasks.prompts import completion_prompt, program, state_source
 
+DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 ESTIMATOR = re.compile(r"\b([A-Z][A-Za-z]+(?:Classifier|Regression|NB|Analysis|SVC))\(")
 
 
@@ -36,8 +39,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tasks = build_tasks(names, [])
         save_tasks(tasks, tmp)
-        config = SamplingConfig(batch_size=8, temperature=args.temperature, max_new_tokens=160)
-        with Executor(tmp, ExecutorConfig(cache=False)) as executor:
+        config = replace(DEFAULTS.sampling, batch_size=8, temperature=args.temperature, max_new_tokens=160)
+        with Executor(tmp, replace(DEFAULTS.executor, cache=False)) as executor:
             for path in args.models:
                 model, tokenizer = load_base(path)
                 model.eval()

@@ -54,7 +54,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 @app.command()
 @friendly
 def prepare(
-    out: Annotated[Path, typer.Option(help="Where the task tables go.")] = Path("data/tasks"),
+    out: Annotated[Path, typer.Option(help="Where the task tables go.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Build the task datasets (offline) into OUT/<task>.parquet and OUT/index.json."""
@@ -79,7 +79,7 @@ def _as_body(text: str) -> str:
 def try_body(
     task: Annotated[str, typer.Option(help="A prepared task, e.g. balance-scale.")],
     file: Annotated[str, typer.Argument(help="A file with the body of build_model; - for stdin.")],
-    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Score one body of build_model in the sandbox; print one JSON object."""
@@ -114,7 +114,7 @@ def try_body(
 @app.command()
 @friendly
 def bootstrap(
-    out: Annotated[Path, typer.Option(help="Where the base model goes.")] = Path("data/models/base"),
+    out: Annotated[Path, typer.Option(help="Where the base model goes.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Materialise the base model (embedded SmolLM2, a local path, or the tiny preset) as safetensors."""
@@ -127,8 +127,8 @@ def bootstrap(
 @app.command()
 @friendly
 def warmstart(
-    base: Annotated[Path, typer.Option(help="The base model directory.")] = Path("data/models/base"),
-    out: Annotated[Path, typer.Option(help="Where the warm-started model goes.")] = Path("data/models/warm"),
+    base: Annotated[Path, typer.Option(help="The base model directory.")],
+    out: Annotated[Path, typer.Option(help="Where the warm-started model goes.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Supervised LoRA warm start on synthetic bodies, merged into a new base (0 steps: a link)."""
@@ -143,8 +143,8 @@ def warmstart(
 def sample(
     iteration: Annotated[int, typer.Option(min=1, help="The iteration k being sampled.")],
     out: Annotated[Path, typer.Option(help="The trajectories file to write.")],
-    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
-    base: Annotated[Path, typer.Option(help="The base model directory.")] = Path("data/models/base"),
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")],
+    base: Annotated[Path, typer.Option(help="The base model directory.")],
     adapters: PrevAdaptersOption = None,
     previous: Annotated[Optional[Path], typer.Option(help="Executed trajectories of k-1.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
@@ -161,7 +161,7 @@ def sample(
 def execute(
     trajectories: Annotated[Path, typer.Argument(help="Sampled trajectories.")],
     out: Annotated[Path, typer.Option(help="The executed trajectories file to write.")],
-    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Score every sampled body in the sandbox; add rewards, statuses and next states."""
@@ -176,8 +176,8 @@ def execute(
 @app.command()
 @friendly
 def ceiling(
-    out: Annotated[Path, typer.Option(help="The JSON file to write.")] = Path("data/ceiling.json"),
-    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")] = Path("data/tasks"),
+    out: Annotated[Path, typer.Option(help="The JSON file to write.")],
+    tasks_dir: Annotated[Path, typer.Option(help="Prepared tasks.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Best score per task of a fixed grid of 33 scikit-learn bodies (the reachable ceiling)."""
@@ -192,8 +192,8 @@ def ceiling(
 @app.command()
 @friendly
 def init(
-    out: Annotated[Path, typer.Option(help="The folder of iteration 000.")] = Path("data/iterations/000"),
-    base: WarmBaseOption = Path("data/models/warm"),
+    out: Annotated[Path, typer.Option(help="The folder of iteration 000.")],
+    base: WarmBaseOption,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Iteration 000: fresh adapters, no open episodes, no metrics."""
@@ -208,7 +208,7 @@ def init(
 def targets(
     executed: Annotated[Path, typer.Argument(help="Executed trajectories of iteration k.")],
     out: Annotated[Path, typer.Option(help="The trajectories-with-targets file to write.")],
-    base: WarmBaseOption = Path("data/models/warm"),
+    base: WarmBaseOption,
     adapters: PrevAdaptersOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -226,7 +226,7 @@ def train(
     targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
     out: Annotated[Path, typer.Option(help="Where the adapters of iteration k go.")],
     logs: Annotated[Path, typer.Option(help="DVCLive folder for per-step training metrics.")],
-    base: WarmBaseOption = Path("data/models/warm"),
+    base: WarmBaseOption,
     adapters: PrevAdaptersOption = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
@@ -243,7 +243,7 @@ def evaluate(
     targets_file: Annotated[Path, typer.Argument(help="Trajectories with targets of iteration k.")],
     adapters: Annotated[Path, typer.Option(help="Adapters of iteration k.")],
     out: Annotated[Path, typer.Option(help="DVCLive folder for the metrics.")],
-    base: WarmBaseOption = Path("data/models/warm"),
+    base: WarmBaseOption,
     previous: Annotated[Optional[Path], typer.Option(help="metrics.json of iteration k-1.")] = None,  # noqa: UP045
     ceiling: Annotated[Optional[Path], typer.Option(help="ceiling.json, for fractions of it.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
@@ -336,7 +336,7 @@ def inspect(
 @app.command()
 @friendly
 def summary(
-    iterations: Annotated[Path, typer.Option(help="The iterations folder.")] = Path("data/iterations"),
+    iterations: Annotated[Path, typer.Option(help="The iterations folder.")],
 ) -> None:
     """Per iteration: mean reward, success rate, and the best reward found so far per task."""
     import polars as pl

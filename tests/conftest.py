@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,17 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ExecutorConfig
+from pipeline.config import load_config
 from pipeline.sandbox.executor import Executor
 from pipeline.tasks.datasets import build_tasks, save_tasks
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = load_config(REPO / "params.yaml")  # the one source of defaults
+
+
+def defaults(section: str, **changes: object):
+    """A section of the repository's params.yaml, with `changes`."""
+    return dataclasses.replace(getattr(DEFAULTS, section), **changes)
 
 
 @pytest.fixture(scope="session")
@@ -25,18 +32,17 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def executor(tasks_dir: Path):
-    with Executor(tasks_dir, ExecutorConfig(timeout_s=4.0, workers=2)) as ex:
+    with Executor(tasks_dir, defaults("executor", timeout_s=4.0, workers=2)) as ex:
         yield ex
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset, bootstrapped once: 2 layers, SmolLM2's tokenizer."""
-    from pipeline.config import Config, ModelConfig
     from pipeline.stages import bootstrap
 
     out = tmp_path_factory.mktemp("models") / "base"
-    bootstrap.run(Config(model=ModelConfig(preset="tiny")), out)
+    bootstrap.run(dataclasses.replace(DEFAULTS, model=defaults("model", preset="tiny")), out)
     return out
 
 

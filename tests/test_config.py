@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -9,9 +10,22 @@ from tests.conftest import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """The repository's params.yaml with the mapping `text` merged into it (raw if not YAML)."""
     path = tmp_path / "params.yaml"
-    path.write_text(text)
+    try:
+        changes = yaml.safe_load(text)
+    except yaml.YAMLError:
+        path.write_text(text)
+        return path
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load((REPO / "params.yaml").read_text()), changes)))
     return path
+
+
+def merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict) and key != "iterations"
+        base[key] = merge(base[key], value) if both else value
+    return base
 
 
 def test_repo_params_load():
@@ -43,6 +57,16 @@ def test_bad_params_name_the_key(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+def test_every_key_must_be_set(tmp_path):
+    """params.yaml is the one source of defaults: a missing key is an error, not a hidden default."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["etpo"]["beta"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="missing key etpo.beta; every key must be set"):
+        load_config(path)
+
+
 def test_cli_bad_params_is_one_line_exit_2(tmp_path):
     params = write(tmp_path, "executor: {memory_mb: 1}")
     result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path)])
@@ -52,15 +76,14 @@ def test_cli_bad_params_is_one_line_exit_2(tmp_path):
 
 
 def test_cli_missing_params_file(tmp_path):
-    result = CliRunner().invoke(app, ["prepare", "--params", str(tmp_path / "none.yaml")])
+    args = ["prepare", "--params", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "no such params file" in result.output
 
 
 def test_dvc_artifacts_follow_the_iterations():
     """dvc.yaml cannot template its top-level artifacts: they follow params.iterations."""
-    import yaml
-
     iterations = load_config(REPO / "params.yaml").iterations
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     artifacts = dvc_yaml["artifacts"]

@@ -13,11 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from pipeline.config import ExecutorConfig
 from pipeline.sandbox.executor import Executor, bwrap_available
 from pipeline.tasks.datasets import build_tasks, load_task, save_tasks
 from pipeline.tasks.prompts import program, state_source
-from tests.conftest import REPO
+from tests.conftest import REPO, defaults
 
 LOGISTIC = (
     "    from sklearn.linear_model import LogisticRegression\n"
@@ -195,7 +194,7 @@ def test_a_body_that_memorises_across_splits_scores_as_the_honest_one(executor, 
 
 
 def test_cache_hit_is_identical(tasks_dir, tmp_path):
-    config = ExecutorConfig(timeout_s=4.0, workers=1)
+    config = defaults("executor", timeout_s=4.0, workers=1)
     source = source_for(tasks_dir, "balance-scale", FOREST)
     with Executor(tasks_dir, config, tmp_path / "cache") as ex:
         first = ex.run("balance-scale", source)
@@ -216,7 +215,7 @@ def test_run_many_keeps_job_order(executor, tasks_dir):
 
 
 def test_rlimit_fallback_contains_the_basics(tasks_dir):
-    with Executor(tasks_dir, ExecutorConfig(timeout_s=2.0, workers=1, sandbox="rlimit")) as ex:
+    with Executor(tasks_dir, defaults("executor", timeout_s=2.0, workers=1, sandbox="rlimit")) as ex:
         for status in ("timeout", "memory", "syntax"):
             result = ex.run("iris", source_for(tasks_dir, "iris", FAILURES[status]))
             assert result.status == status
@@ -272,12 +271,12 @@ def test_rank_auc_equals_sklearn_with_ties(n_classes):
 
 
 def test_a_ceiling_body_scores_on_each_of_the_papers_datasets(tmp_path):
-    from pipeline.stages.ceiling import grid_bodies
+    from pipeline.tasks.bodies import grid_bodies
 
     names = ["credit-g", "diabetes", "cmc", "pc1", "breast-w"]
     save_tasks(build_tasks(names, []), tmp_path)
     forest = next(b for b in grid_bodies() if "RandomForestClassifier(n_estimators=50" in b)
-    with Executor(tmp_path, ExecutorConfig(timeout_s=20.0, workers=2)) as ex:
+    with Executor(tmp_path, defaults("executor", timeout_s=20.0, workers=2)) as ex:
         results = ex.run_many([(name, source_for(tmp_path, name, forest)) for name in names])
     for name, result in zip(names, results, strict=True):
         assert result.status == "ok" and 0.6 < result.reward < 1.0, (name, result)

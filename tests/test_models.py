@@ -3,11 +3,11 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import LoraConfig, SamplingConfig
 from pipeline.models.adapters import ADAPTERS, attach_adapters, load_adapters, reference, save_adapters
 from pipeline.models.base import load_base
 from pipeline.models.generate import BodyStop, sample
 from pipeline.tasks.prompts import completion_prompt, state_source
+from tests.conftest import defaults
 
 PROMPT = completion_prompt(state_source("Balance Scale", (625, 4)))
 
@@ -30,7 +30,7 @@ def perturb(model, seed=0):
 def test_fresh_adapters_are_the_identity_and_reference_is_the_base(tiny_base):
     model, tokenizer = load_base(tiny_base)
     plain = logits(AutoModelForCausalLM.from_pretrained(tiny_base), tokenizer)
-    peft_model = attach_adapters(model, LoraConfig(rank=4))
+    peft_model = attach_adapters(model, defaults("lora", rank=4))
     for name in ADAPTERS:
         peft_model.set_adapter(name)
         assert torch.equal(logits(peft_model, tokenizer), plain), name  # LoRA B starts at zero
@@ -43,7 +43,7 @@ def test_fresh_adapters_are_the_identity_and_reference_is_the_base(tiny_base):
 
 def test_adapters_save_and_load_to_identical_logits(tiny_base, tmp_path):
     model, tokenizer = load_base(tiny_base)
-    peft_model = attach_adapters(model, LoraConfig(rank=4))
+    peft_model = attach_adapters(model, defaults("lora", rank=4))
     perturb(peft_model)
     before = {}
     for name in ADAPTERS:
@@ -59,7 +59,7 @@ def test_adapters_save_and_load_to_identical_logits(tiny_base, tmp_path):
 
 def test_sampling_is_deterministic_for_a_seed(tiny_base):
     model, tokenizer = load_base(tiny_base)
-    config = SamplingConfig(batch_size=3, max_new_tokens=12, temperature=1.0)
+    config = defaults("sampling", batch_size=3, max_new_tokens=12, temperature=1.0)
     prompts = [PROMPT, PROMPT + "    # a longer prompt to force left padding\n", PROMPT]
     first = sample(model, tokenizer, prompts, config, seed=7)
     assert first == sample(model, tokenizer, prompts, config, seed=7)
@@ -74,7 +74,7 @@ def test_sampling_is_deterministic_for_a_seed(tiny_base):
 
 def test_behaviour_logprobs_match_a_forward_pass(tiny_base):
     model, tokenizer = load_base(tiny_base)
-    config = SamplingConfig(batch_size=1, max_new_tokens=8, temperature=1.0)
+    config = defaults("sampling", batch_size=1, max_new_tokens=8, temperature=1.0)
     (c,) = sample(model, tokenizer, [PROMPT], config, seed=3)
     ids = torch.tensor([c.prompt_ids + c.completion_ids])
     with torch.no_grad():

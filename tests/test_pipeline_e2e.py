@@ -137,6 +137,36 @@ def test_second_repro_is_a_no_op(repo_copy):
     assert "Running stage" not in out and "up to date" in out
 
 
+def changed_stages(repo_copy: Path, path: str, edit) -> set[str]:
+    """The stages `dvc status` lists after `edit(text)` of a file of the copy (then restored)."""
+    file = repo_copy / path
+    original = file.read_text()
+    file.write_text(edit(original))
+    try:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        cmd = ["dvc", "status", "--json"]
+        done = subprocess.run(cmd, cwd=repo_copy, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return set(json.loads(done.stdout))
+    finally:
+        file.write_text(original)
+
+
+def test_a_code_change_marks_every_stage_that_runs_it(repo_copy):
+    changed = changed_stages(repo_copy, "pipeline/models/adapters.py", lambda t: t + "\n# edited\n")
+    for k in ("001", "002"):
+        assert {f"targets@{k}", f"train@{k}", f"evaluate@{k}", f"sample@{k}"} <= changed, changed
+    assert not {"prepare", "bootstrap", "ceiling", "execute@001", "report"} & changed, changed
+
+
+def test_a_baseline_setting_does_not_rerun_etpo(repo_copy):
+    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["algo"] == "etpo"
+    changed = changed_stages(repo_copy, "params.yaml", lambda t: t.replace("clip: 0.2", "clip: 0.3"))
+    assert not changed, changed  # dvc.yaml lists `${algo}`: only the chosen algorithm's section
+    changed = changed_stages(repo_copy, "params.yaml", lambda t: t.replace("beta: 0.1", "beta: 0.2"))
+    assert {"targets@001", "train@001"} <= changed and "sample@001" not in changed, changed
+
+
 def test_exp_run_with_a_changed_param_reruns_only_what_depends_on_it(repo_copy):
     out = run(["dvc", "exp", "run", "-S", "etpo.beta=0.05"], repo_copy)
     assert "Running stage 'targets@001'" in out and "Running stage 'train@001'" in out

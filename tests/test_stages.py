@@ -1,12 +1,13 @@
 """The sample -> execute -> sample chain through the CLI on the tiny preset, and the real default."""
 
+from dataclasses import replace
+
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import Config, ModelConfig, SamplingConfig
 from pipeline.io import read_trajectories
-from tests.conftest import invoke, set_params
+from tests.conftest import DEFAULTS, defaults, invoke, set_params
 
 
 def test_sample_execute_and_continue_episodes(params, tasks_dir, tiny_base, tmp_path):
@@ -64,11 +65,11 @@ def test_real_smollm2_bootstraps_and_writes_a_body(tmp_path):
     from pipeline.tasks.prompts import completion_prompt, state_source
 
     out = tmp_path / "base"
-    model_id = bootstrap.run(Config(model=ModelConfig(preset="smollm2")), out)
+    model_id = bootstrap.run(replace(DEFAULTS, model=defaults("model", preset="smollm2")), out)
     assert model_id == "preset:smollm2" and (out / "model.safetensors").exists()
     model, tokenizer = load_base(out)
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
     prompt = completion_prompt(state_source("Balance Scale Weight & Distance", (625, 4)))
-    (completion,) = sample(model, tokenizer, [prompt], SamplingConfig(max_new_tokens=48), seed=0)
+    (completion,) = sample(model, tokenizer, [prompt], defaults("sampling", max_new_tokens=48), seed=0)
     assert 1 <= len(completion.completion_ids) <= 48
     assert tokenizer.decode(completion.completion_ids, skip_special_tokens=True).startswith(completion.body)

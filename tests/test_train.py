@@ -1,14 +1,18 @@
 """The train stage's update on the tiny preset."""
 
+from dataclasses import replace
+from functools import partial
+
 import pytest
 import torch
 
-from pipeline.baselines.train import train_policy_gradient
-from pipeline.config import Config, EtpoConfig, LoraConfig, TrainConfig
-from pipeline.etpo.logits import ActionBatch, action_logits
-from pipeline.etpo.train import adapter_parameters, train_etpo
-from pipeline.models.adapters import attach_adapters
+from pipeline.algorithms import update_for
+from pipeline.etpo.train import etpo_update
+from pipeline.models.adapters import adapter_parameters, attach_adapters
 from pipeline.models.base import load_base
+from pipeline.models.logits import ActionBatch, action_logits
+from pipeline.models.update import train_adapters
+from tests.conftest import DEFAULTS, defaults
 
 
 def rows_for(tokenizer, rewards):
@@ -33,25 +37,26 @@ def policy_logits(model, tokenizer):
 def test_untrained_residual_critic_leaves_the_policy_unchanged(tiny_base):
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
-    model = attach_adapters(model, LoraConfig(rank=4))
+    model = attach_adapters(model, defaults("lora", rank=4))
     before = policy_logits(model, tokenizer)
-    train = TrainConfig(epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
-    train_etpo(model, rows_for(tokenizer, [1.0, -1.0]), tokenizer.pad_token_id, EtpoConfig(), train, seed=0)
+    train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
+    update = partial(etpo_update, etpo=DEFAULTS.etpo)
+    train_adapters(model, rows_for(tokenizer, [1.0, -1.0]), tokenizer.pad_token_id, update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
 
 def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
-    model = attach_adapters(model, LoraConfig(rank=4))
+    model = attach_adapters(model, defaults("lora", rank=4))
     before = policy_logits(model, tokenizer)
     logged = []
-    train = TrainConfig(epochs=3, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-2)
-    steps = train_etpo(
+    train = defaults("train", epochs=3, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-2)
+    steps = train_adapters(
         model,
         rows_for(tokenizer, [1.0, -1.0]),
         tokenizer.pad_token_id,
-        EtpoConfig(tau=0.5),
+        partial(etpo_update, etpo=defaults("etpo", tau=0.5)),
         train,
         seed=0,
         log=logged.append,
@@ -75,7 +80,7 @@ def body_logprob(model, tokenizer, row):
 def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_base, algo):
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
-    model = attach_adapters(model, LoraConfig(rank=4))
+    model = attach_adapters(model, defaults("lora", rank=4))
     rows = rows_for(tokenizer, [1.0, -1.0])
     for row, sign in zip(rows, [1.0, -1.0], strict=True):
         n = len(row["completion_ids"])
@@ -89,8 +94,9 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
         row["behaviour_logprobs"] = logp.gather(-1, batch.taken.unsqueeze(-1))[0, :, 0].tolist()
     before = [body_logprob(model, tokenizer, r) for r in rows]
     logged = []
-    config = Config(algo=algo, train=TrainConfig(epochs=4, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-3))
-    steps = train_policy_gradient(model, rows, tokenizer.pad_token_id, config, seed=0, log=logged.append)
+    train = defaults("train", epochs=4, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-3)
+    update = update_for(replace(DEFAULTS, algo=algo))
+    steps = train_adapters(model, rows, tokenizer.pad_token_id, update, train, seed=0, log=logged.append)
     after = [body_logprob(model, tokenizer, r) for r in rows]
     # the bodies share their first (indent) token, so compare how much each one gained
     assert steps == 4 and after[0] - before[0] > 1.0 + (after[1] - before[1])
@@ -104,7 +110,7 @@ def test_action_logits_are_each_sequence_own_logits(tiny_base):
     """Left padding, position ids and the logits window give what each sequence alone gives."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
-    model = attach_adapters(model, LoraConfig(rank=4))
+    model = attach_adapters(model, defaults("lora", rank=4))
     prompts, completions = [[11, 12, 13, 14, 15, 16], [21, 22]], [[31, 32], [41, 42, 43, 44, 45]]
     batch = ActionBatch.build(prompts, completions, tokenizer.pad_token_id)
     for adapter in ("policy", None):

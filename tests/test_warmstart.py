@@ -1,16 +1,18 @@
 """The warm start: its loss is the body cross-entropy, and it makes the tiny preset write runnable bodies."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config, LoraConfig, SamplingConfig, WarmstartConfig
 from pipeline.models.base import load_base
 from pipeline.models.generate import sample
 from pipeline.models.warmstart import body_loss, collate, encode, synthetic_examples
 from pipeline.stages import warmstart
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.prompts import completion_prompt, program, state_source
+from tests.conftest import DEFAULTS, defaults
 
 
 def test_body_loss_is_the_cross_entropy_of_the_body_tokens(tiny_base):
@@ -29,7 +31,7 @@ def test_body_loss_is_the_cross_entropy_of_the_body_tokens(tiny_base):
 def runnable_share(model_dir, task, executor, samples: int = 32) -> float:
     model, tokenizer = load_base(model_dir)
     state = state_source(task.description, task.x.shape)
-    config = SamplingConfig(batch_size=8, temperature=0.3, max_new_tokens=96)
+    config = defaults("sampling", batch_size=8, temperature=0.3, max_new_tokens=96)
     completions = sample(model, tokenizer, [completion_prompt(state)] * samples, config, seed=0)
     results = executor.run_many([(task.name, program(state, c.body)) for c in completions])
     return sum(r.status == "ok" for r in results) / samples
@@ -42,8 +44,10 @@ def test_the_warm_start_makes_the_tiny_preset_write_runnable_bodies(tiny_base, t
     # steps, ~60 s; on 64 examples it reaches 0.3 but cannot track which estimator it imported).
     # It memorises more than it generalises, so we sample at temperature 0.3: measured 14/32 bodies
     # run on iris after (9/32 at 0.5, 3/32 at 1.0), 0/32 before.
-    lora = LoraConfig(rank=16, target_modules=[*LoraConfig().target_modules, "lm_head"])
-    config = Config(lora=lora, warmstart=WarmstartConfig(steps=150, lr=1e-2, batch_size=8, corpus_size=8))
+    lora = defaults("lora", rank=16, target_modules=[*DEFAULTS.lora.target_modules, "lm_head"])
+    config = replace(
+        DEFAULTS, lora=lora, warmstart=defaults("warmstart", steps=150, lr=1e-2, batch_size=8, corpus_size=8)
+    )
     info = warmstart.run(config, tiny_base, tmp_path / "warm")
     assert info["losses"][-1] < 0.1 < 5.0 < info["losses"][0]
     iris = load_task(tasks_dir, "iris")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.etpo.bellman import discounted_sum
+from pipeline.models.tokens import discounted_sum
 
 
 def kl_penalised_rewards(reward: Tensor, logratio: Tensor, mask: Tensor, kl_coef: float) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.etpo.losses import masked_mean
+from pipeline.models.tokens import masked_mean
 
 
 def clipped_surrogate(

@@ -1,4 +1,4 @@
-"""The targets stage for the baselines: per-token advantages of an iteration's executed actions.
+"""The baselines' targets: per-token advantages of an iteration's executed actions.
 
 Columns of the targets table (io.TARGET_FIELDS), per algorithm:
     ppo:        advantage = whitened GAE, q_target = return (value target), q_taken = soft_value = V_old
@@ -17,9 +17,9 @@ from peft import PeftModel
 from torch import Tensor
 
 from pipeline.baselines.advantages import gae, group_advantages, kl_penalised_rewards, whiten
-from pipeline.config import Config
-from pipeline.etpo.bellman import entropy, kl_to_reference
-from pipeline.etpo.logits import ActionBatch, action_hidden, action_logits, per_token
+from pipeline.config import PpoConfig
+from pipeline.models.logits import ActionBatch, action_hidden, action_logits, per_token
+from pipeline.models.tokens import entropy, kl_to_reference
 
 
 @torch.no_grad()
@@ -39,34 +39,53 @@ def action_stats(model: PeftModel, row: dict, values: bool) -> dict[str, list[fl
     }
 
 
-def baseline_targets(
-    model: PeftModel, rows: list[dict], config: Config, advance: Callable[[], None] = lambda: None
+def ppo_targets(
+    model: PeftModel, rows: list[dict], ppo: PpoConfig, advance: Callable[[], None]
 ) -> list[dict]:
-    """`rows` (executed actions) with the targets columns of `config.algo` filled in."""
-    for row in rows:
-        row.update(action_stats(model, row, values=config.algo == "ppo"))
-        advance()
-    if not rows:
-        return rows
-    batch = ActionBatch.build([[0]] * len(rows), [r["completion_ids"] for r in rows], 0)
-    mask = batch.mask
+    """`rows` with PPO's columns: whitened GAE advantages and value targets from V_old."""
+    _with_stats(model, rows, values=True, advance=advance)
+    batch = _layout(rows)
+    values = per_token(rows, "value", batch)
     reward = torch.tensor([r["reward"] for r in rows])
-    zeros = torch.zeros_like(mask)
-    if config.algo == "ppo":
-        values = per_token(rows, "value", batch)
-        rewards = kl_penalised_rewards(reward, per_token(rows, "logratio", batch), mask, config.ppo.kl_coef)
-        advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.gae_lambda)
-        columns = {"advantage": whiten(advantages, mask), "q_target": returns, "q_taken": values}
-        columns["soft_value"] = values
-    elif config.algo == "grpo":
-        groups = _group_ids([(r["iteration"], r["state"]) for r in rows])
-        advantages = group_advantages(reward, groups)[:, None] * mask
-        columns = {"advantage": advantages, "q_target": zeros, "q_taken": zeros, "soft_value": zeros}
-    else:
-        columns = {"advantage": zeros, "q_target": zeros, "q_taken": zeros, "soft_value": zeros}
+    rewards = kl_penalised_rewards(reward, per_token(rows, "logratio", batch), batch.mask, ppo.kl_coef)
+    advantages, returns = gae(rewards, values, batch.mask, ppo.gamma, ppo.gae_lambda)
+    return _filled(rows, whiten(advantages, batch.mask), q_target=returns, q_taken=values, soft_value=values)
+
+
+def grpo_targets(model: PeftModel, rows: list[dict], advance: Callable[[], None]) -> list[dict]:
+    """`rows` with GRPO's group-relative advantage at every token of an action; no critic."""
+    _with_stats(model, rows, values=False, advance=advance)
+    batch = _layout(rows)
+    groups = _group_ids([(r["iteration"], r["state"]) for r in rows])
+    reward = torch.tensor([r["reward"] for r in rows])
+    return _filled(rows, group_advantages(reward, groups)[:, None] * batch.mask)
+
+
+def best_of_n_targets(model: PeftModel, rows: list[dict], advance: Callable[[], None]) -> list[dict]:
+    """`rows` with the policy's KL and entropy and zero advantages: best_of_n updates nothing."""
+    _with_stats(model, rows, values=False, advance=advance)
+    return _filled(rows, torch.zeros_like(_layout(rows).mask))
+
+
+def _with_stats(model: PeftModel, rows: list[dict], values: bool, advance: Callable[[], None]) -> None:
+    for row in rows:
+        row.update(action_stats(model, row, values))
+        advance()
+
+
+def _layout(rows: list[dict]) -> ActionBatch:
+    """The (B, T) layout of the iteration's completions (the advantages span actions)."""
+    return ActionBatch.build([[0]] * len(rows), [r["completion_ids"] for r in rows], 0)
+
+
+def _filled(rows: list[dict], advantage: Tensor, **columns: Tensor) -> list[dict]:
+    """Write the per-token columns into `rows` (the critic's ones 0 unless given)."""
+    zeros = torch.zeros_like(advantage)
+    columns = {"q_target": zeros, "q_taken": zeros, "soft_value": zeros} | columns
     for b, row in enumerate(rows):
         n = len(row["completion_ids"])
-        row.update({name: _head(t[b], n) for name, t in columns.items()}, bootstrap_value=0.0)
+        row.update({name: t[b, :n].tolist() for name, t in ({"advantage": advantage} | columns).items()})
+        row["bootstrap_value"] = 0.0
         del row["logratio"], row["value"]
     return rows
 
@@ -74,7 +93,3 @@ def baseline_targets(
 def _group_ids(keys: list[tuple]) -> Tensor:
     ids: dict[tuple, int] = {}
     return torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
-
-
-def _head(values: Tensor, n: int) -> list[float]:
-    return values[:n].tolist()

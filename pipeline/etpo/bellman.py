@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pipeline.models.tokens import discounted_sum, entropy, kl_to_reference
+
 Parametrisation = Literal["residual", "paper"]
 
 
@@ -33,11 +35,6 @@ def q_values(z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Para
     return z_critic
 
 
-def kl_to_reference(logp_pi: Tensor, logp_rho: Tensor) -> Tensor:
-    """KL(pi || rho) per position: (..., V) -> (...)."""
-    return (logp_pi.exp() * (logp_pi - logp_rho)).sum(-1)
-
-
 def expected_q(logp_pi: Tensor, q: Tensor) -> Tensor:
     """E_{w ~ pi}[Q(w)] per position: (..., V) -> (...)."""
     return (logp_pi.exp() * q).sum(-1)
@@ -46,10 +43,6 @@ def expected_q(logp_pi: Tensor, q: Tensor) -> Tensor:
 def soft_value(logp_pi: Tensor, logp_rho: Tensor, q: Tensor, beta: float) -> Tensor:
     """V = E_pi[Q] - beta KL(pi || rho): (..., V) -> (...)."""
     return expected_q(logp_pi, q) - beta * kl_to_reference(logp_pi, logp_rho)
-
-
-def entropy(logp: Tensor) -> Tensor:
-    return -(logp.exp() * logp).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -124,17 +117,3 @@ def q_targets(
     a = torch.where(last, terminal[:, None], (1 - lam) * v_next - lam * beta * r_next)
     a = torch.where(valid, a, torch.zeros_like(a))
     return discounted_sum(a, lam)  # a is 0 past the action's end
-
-
-def discounted_sum(a: Tensor, factor: float) -> Tensor:
-    """y_j = sum_{k >= j} factor^(k-j) a_k along the last axis: (B, T) -> (B, T).
-
-    The recursion y_j = a_j + factor y_{j+1} as one matrix product with the upper-triangular
-    factor^(k-j) matrix: a reverse scan without a Python loop over tokens.
-    """
-    T = a.shape[-1]
-    pos = torch.arange(T, device=a.device)
-    offset = pos[None, :] - pos[:, None]  # (T, T): [j, k] = k - j
-    powers = torch.full((T, T), factor, dtype=a.dtype, device=a.device).pow(offset.clamp(min=0))
-    decay = torch.where(offset >= 0, powers, 0.0)  # factor^(k-j) for k >= j; 0^0 = 1
-    return a @ decay.T

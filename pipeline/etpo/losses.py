@@ -16,10 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.etpo.bellman import Parametrisation, q_values
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+from pipeline.models.tokens import masked_mean
 
 
 def critic_loss(

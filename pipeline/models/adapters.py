@@ -10,6 +10,7 @@ hidden state: the PPO baseline's value function. ETPO does not use it.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -19,7 +20,12 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from pipeline.config import LoraConfig
+from pipeline.config import Config, LoraConfig
+from pipeline.models.base import load_base
+
+# peft (0.21, the latest) reads transformers' deprecated `is_gradient_checkpointing` alias each
+# time it wraps a model, so every stage printed a FutureWarning that no user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 ADAPTERS = ("policy", "critic", "target")
 VALUE_HEAD = "value_head.safetensors"
@@ -77,6 +83,18 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
     model.set_adapter("policy")
     head = directory / VALUE_HEAD
     return _with_value_head(model, load_file(head) if head.exists() else None)
+
+
+def load_model(config: Config, base_dir: Path, adapters: Path | None, trainable: bool = False) -> tuple:
+    """(model, tokenizer): the base with the adapters of an iteration, or fresh (identity) ones."""
+    model, tokenizer = load_base(base_dir, config.model.device)
+    model = load_adapters(model, adapters, trainable) if adapters else attach_adapters(model, config.lora)
+    return model, tokenizer
+
+
+def adapter_parameters(model: PeftModel, name: str) -> list[torch.nn.Parameter]:
+    """The LoRA weights of one adapter, in a fixed order (so Polyak pairs them up)."""
+    return [p for n, p in sorted(model.named_parameters()) if f".{name}." in n and "lora_" in n]
 
 
 def reference(model: PeftModel) -> AbstractContextManager:

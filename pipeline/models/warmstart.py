@@ -3,10 +3,10 @@
 SmolLM2-135M sampled 0 runnable bodies of 48 with our prompts, and RL cannot learn from rewards
 that are all -1. So before RL we fine-tune (LoRA, merged into the base afterwards) on a synthetic
 corpus: states for *generated* datasets (never the evaluation tasks), bodies drawn uniformly from
-a grammar of a dozen scikit-learn estimators, hyperparameters and preprocessing steps. Nothing
-says which model is best, so RL still has everything to discover. A fifth of the examples are
-reflection states (a body missing an import, its NameError) with the fixed body, so the model
-has seen the second step of an episode too.
+a grammar of a dozen scikit-learn estimators, hyperparameters and preprocessing steps
+(`pipeline.tasks.bodies`). Nothing says which model is best, so RL still has everything to
+discover. A fifth of the examples are reflection states (a body missing an import, its
+NameError) with the fixed body, so the model has seen the second step of an episode too.
 """
 
 from __future__ import annotations
@@ -21,79 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, WarmstartConfig
 from pipeline.models.adapters import lora_config
+from pipeline.tasks.bodies import random_body
 from pipeline.tasks.prompts import completion_prompt, state_source
 
-# (import line, estimator expression with {} slots, choices per slot, needs scaling)
-ESTIMATORS: list[tuple[str, str, list[list[object]], bool]] = [
-    (
-        "from sklearn.linear_model import LogisticRegression",
-        "LogisticRegression(C={}, max_iter=1000)",
-        [[0.1, 0.5, 1.0, 2.0, 10.0]],
-        True,
-    ),
-    (
-        "from sklearn.ensemble import RandomForestClassifier",
-        "RandomForestClassifier(n_estimators={}, max_depth={}, random_state=0)",
-        [[50, 100, 200, 300], [None, 4, 8, 16]],
-        False,
-    ),
-    (
-        "from sklearn.ensemble import ExtraTreesClassifier",
-        "ExtraTreesClassifier(n_estimators={}, min_samples_leaf={}, random_state=0)",
-        [[50, 100, 200], [1, 2, 5]],
-        False,
-    ),
-    (
-        "from sklearn.ensemble import GradientBoostingClassifier",
-        "GradientBoostingClassifier(n_estimators={}, learning_rate={}, random_state=0)",
-        [[50, 100, 200], [0.03, 0.1, 0.3]],
-        False,
-    ),
-    (
-        "from sklearn.ensemble import HistGradientBoostingClassifier",
-        "HistGradientBoostingClassifier(max_iter={}, learning_rate={}, random_state=0)",
-        [[100, 200], [0.05, 0.1, 0.2]],
-        False,
-    ),
-    (
-        "from sklearn.ensemble import AdaBoostClassifier",
-        "AdaBoostClassifier(n_estimators={}, random_state=0)",
-        [[50, 100, 200]],
-        False,
-    ),
-    (
-        "from sklearn.tree import DecisionTreeClassifier",
-        "DecisionTreeClassifier(max_depth={}, random_state=0)",
-        [[3, 5, 10, None]],
-        False,
-    ),
-    (
-        "from sklearn.neighbors import KNeighborsClassifier",
-        "KNeighborsClassifier(n_neighbors={}, weights={!r})",
-        [[3, 5, 7, 15], ["uniform", "distance"]],
-        True,
-    ),
-    (
-        "from sklearn.svm import SVC",
-        "SVC(C={}, kernel={!r}, probability=True, random_state=0)",
-        [[0.5, 1.0, 5.0], ["rbf", "linear", "poly"]],
-        True,
-    ),
-    ("from sklearn.naive_bayes import GaussianNB", "GaussianNB()", [], False),
-    (
-        "from sklearn.neural_network import MLPClassifier",
-        "MLPClassifier(hidden_layer_sizes=({},), alpha={}, max_iter=500, random_state=0)",
-        [[16, 32, 64, 128], [1e-4, 1e-3, 1e-2]],
-        True,
-    ),
-    (
-        "from sklearn.discriminant_analysis import LinearDiscriminantAnalysis",
-        "LinearDiscriminantAnalysis()",
-        [],
-        False,
-    ),
-]
-SCALERS = ["StandardScaler", "MinMaxScaler", "RobustScaler"]
 DOMAINS = [
     "Customer Churn",
     "Loan Default",
@@ -122,26 +52,6 @@ DOMAINS = [
 class Example:
     prompt: str
     body: str  # the target, ending with "return model" and a newline
-
-
-def random_body(rng: random.Random) -> str:
-    """One body drawn uniformly from the grammar."""
-    import_line, template, choices, scale = rng.choice(ESTIMATORS)
-    estimator = template.format(*(rng.choice(c) for c in choices))
-    scaler = rng.choice(SCALERS) if scale and rng.random() < 0.7 else None
-    return grammar_body(import_line, estimator, scaler)
-
-
-def grammar_body(import_line: str, estimator: str, scaler: str | None) -> str:
-    """A body of the grammar: the import, an optional scaler pipeline, fit, return."""
-    lines = [import_line]
-    if scaler:
-        lines += ["from sklearn.pipeline import make_pipeline", f"from sklearn.preprocessing import {scaler}"]
-        lines.append(f"model = make_pipeline({scaler}(), {estimator})")
-    else:
-        lines.append(f"model = {estimator}")
-    lines += ["model.fit(x_train, y_train)", "return model"]
-    return "".join(f"    {line}\n" for line in lines)
 
 
 def synthetic_examples(count: int, seed: int) -> list[Example]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.io import write_json
 from pipeline.models.base import materialise, save_base
-from pipeline.stages.common import MODEL_INFO
+from pipeline.provenance import MODEL_INFO
 
 
 def run(config: Config, out: Path) -> str:

@@ -8,28 +8,16 @@ ceiling" compares like with like. Results say how much of the reachable score RL
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from rich.progress import Progress
 
 from pipeline.config import Config
 from pipeline.io import write_json
-from pipeline.models.warmstart import ESTIMATORS, grammar_body
 from pipeline.sandbox.executor import Executor
+from pipeline.tasks.bodies import grid_bodies
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.prompts import program, state_source
-
-
-def grid_bodies() -> list[str]:
-    """Every estimator of the grammar with every other value of each of its hyperparameters."""
-    bodies = []
-    for import_line, template, choices, scale in ESTIMATORS:
-        for values in itertools.product(*(c[::2] for c in choices)):
-            bodies.append(
-                grammar_body(import_line, template.format(*values), "StandardScaler" if scale else None)
-            )
-    return bodies
 
 
 def run(config: Config, tasks_dir: Path, out: Path, cache_dir: Path | None = None) -> dict[str, dict]:
@@ -49,13 +37,3 @@ def run(config: Config, tasks_dir: Path, out: Path, cache_dir: Path | None = Non
             ceiling[name] = {"score": result.reward, "body": body, "grid_size": len(bodies)}
     write_json(out, ceiling)
     return ceiling
-
-
-def ceiling_fractions(best: dict[str, float], ceiling: dict[str, dict]) -> dict[str, float]:
-    """best / ceiling per task that has both, and their mean under "mean" (a failed task counts 0)."""
-    fractions = {
-        task: max(score, 0.0) / ceiling[task]["score"] for task, score in best.items() if task in ceiling
-    }
-    if fractions:
-        fractions["mean"] = sum(fractions.values()) / len(fractions)
-    return fractions

@@ -27,8 +27,7 @@ from dvclive import Live
 
 from pipeline.config import Config
 from pipeline.io import read_json, read_trajectories, write_atomic, write_json
-from pipeline.stages.ceiling import ceiling_fractions
-from pipeline.stages.targets import load_model
+from pipeline.models.adapters import load_model
 
 HISTORY, BEST_BODIES, CURVES = "history.json", "best_bodies.json", "curves.png"
 HELD_OUT_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py")
@@ -110,6 +109,16 @@ def draw_curves(history: list[dict[str, float]], out: Path) -> None:
         ax.grid(alpha=0.3)
     write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def ceiling_fractions(best: dict[str, float], ceiling: dict[str, dict]) -> dict[str, float]:
+    """best / ceiling per task that has both, and their mean under "mean" (a failed task counts 0)."""
+    fractions = {
+        task: max(score, 0.0) / ceiling[task]["score"] for task, score in best.items() if task in ceiling
+    }
+    if fractions:
+        fractions["mean"] = sum(fractions.values()) / len(fractions)
+    return fractions
 
 
 def reward_metrics(

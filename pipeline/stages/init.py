@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.io import atomic_dir, write_json, write_trajectories
 from pipeline.models.adapters import attach_adapters, save_adapters
 from pipeline.models.base import load_base
-from pipeline.stages.common import artifact_metadata
+from pipeline.provenance import artifact_metadata
 
 
 def run(config: Config, base_dir: Path, out: Path) -> None:

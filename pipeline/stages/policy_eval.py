@@ -23,15 +23,13 @@ from dvclive import Live
 from rich.progress import Progress
 
 from pipeline.config import Config
-from pipeline.etpo.logits import ActionBatch, action_logits
-from pipeline.io import read_json, write_atomic, write_json
+from pipeline.io import EVAL_REWARDS, EVAL_SAMPLES, read_json, write_atomic, write_json
 from pipeline.models.generate import load_sampler, sample, stream_seed
+from pipeline.models.logits import ActionBatch, action_logits
 from pipeline.sandbox.executor import Executor
 from pipeline.stats import bootstrap_mean
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.prompts import program, render, state_source
-
-SAMPLES, REWARDS, METRICS = "samples.parquet", "rewards.json", "metrics.json"
 
 
 @torch.no_grad()
@@ -115,8 +113,8 @@ def run(
     metrics = eval_metrics(rewards, read_json(ceiling, {}))
     tokens = frame["tokens"].sum()
     metrics["kl_ref"] = float((frame["kl_ref"] * frame["tokens"]).sum() / tokens) if tokens else 0.0
-    write_atomic(out / SAMPLES, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
-    write_json(out / REWARDS, rewards)
+    write_atomic(out / EVAL_SAMPLES, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
+    write_json(out / EVAL_REWARDS, rewards)
     with Live(dir=str(out), dvcyaml=None, save_dvc_exp=False) as live:
         for name, value in metrics.items():
             live.log_metric(name, value, plot=False)

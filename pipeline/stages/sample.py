@@ -9,7 +9,7 @@ from rich.progress import Progress
 from pipeline.config import Config
 from pipeline.io import read_trajectories, write_trajectories
 from pipeline.models.generate import load_sampler, sample, stream_seed
-from pipeline.stages.common import artifact_metadata
+from pipeline.provenance import artifact_metadata
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.episodes import continuing_states, fresh_states
 from pipeline.tasks.prompts import render

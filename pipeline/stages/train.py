@@ -1,5 +1,5 @@
-"""train@k: ETPO updates of the policy, critic and target adapters on iteration k's targets
-(or a baseline's update; none for best_of_n, whose adapters pass through unchanged)."""
+"""train@k: the update of `algo` on iteration k's targets (`pipeline.algorithms`): ETPO's policy,
+critic and target adapters, a baseline's, or none for best_of_n (its adapters pass through)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pipeline.baselines.train import train_policy_gradient
+from pipeline.algorithms import update_for
 from pipeline.config import Config
-from pipeline.etpo.train import train_etpo
 from pipeline.io import atomic_dir, read_trajectories
-from pipeline.models.adapters import save_adapters
+from pipeline.models.adapters import load_model, save_adapters
 from pipeline.models.base import resolve_device
 from pipeline.models.generate import stream_seed
+from pipeline.models.update import train_adapters
 from pipeline.parallel import DataParallel
-from pipeline.stages.targets import load_model
 
 
 def run(
@@ -40,13 +39,12 @@ def run(
                 live.log_metric(name, value)
             live.next_step()
 
-        seed = stream_seed(config.seed, iteration, "train")
-        if config.algo == "etpo":
-            steps = train_etpo(
-                model, rows, tokenizer.pad_token_id, config.etpo, config.train, seed, log, parallel
+        update = update_for(config)
+        if update is not None:
+            seed = stream_seed(config.seed, iteration, "train")
+            steps = train_adapters(
+                model, rows, tokenizer.pad_token_id, update, config.train, seed, log, parallel
             )
-        elif config.algo in ("ppo", "grpo"):
-            steps = train_policy_gradient(model, rows, tokenizer.pad_token_id, config, seed, log, parallel)
         else:  # best_of_n samples from the same policy every iteration
             steps = 0
             if parallel.is_main:

@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.base import load_base, save_base
 from pipeline.models.warmstart import warm_start
-from pipeline.stages.common import MODEL_INFO, model_id
+from pipeline.provenance import MODEL_INFO, model_id
 
 
 def run(config: Config, base_dir: Path, out: Path) -> dict:

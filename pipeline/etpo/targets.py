@@ -1,0 +1,71 @@
+"""ETPO's per-token soft Bellman targets and diagnostics for executed actions (docs/design.md §1, §4).
+
+One action at a time: three forward passes (policy, reference, target critic), reduced to
+per-token scalars in chunks of positions; only those scalars reach the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import PeftModel
+
+from pipeline.config import EtpoConfig
+from pipeline.etpo.bellman import q_targets, q_values, soft_value, token_stats
+from pipeline.models.logits import ActionBatch, action_logits, last_position_logits
+
+ADAPTER_FOR = {"pi": "policy", "rho": None, "target": "target"}
+
+
+@torch.no_grad()
+def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
+    """V_1(s_{t+1}): the soft value of the next state's first decision."""
+    z = {k: last_position_logits(model, prompt_ids, a)[0, 0].float() for k, a in ADAPTER_FOR.items()}
+    q = q_values(z["target"], z["rho"], etpo.beta, etpo.parametrisation)
+    return soft_value(z["pi"].log_softmax(-1), z["rho"].log_softmax(-1), q, etpo.beta).item()
+
+
+@torch.no_grad()
+def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | None, etpo: EtpoConfig) -> dict:
+    """The per-token columns of docs/design.md §4 for one executed action."""
+    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
+    z = {k: action_logits(model, batch, a) for k, a in ADAPTER_FOR.items()}  # each (1, n, V)
+    stats = token_stats(
+        z["pi"], z["rho"], z["target"], batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk
+    )
+    boot = bootstrap_value(model, next_prompt_ids, etpo) if next_prompt_ids else 0.0
+    y = q_targets(
+        stats.soft_value,
+        stats.logratio_taken,
+        torch.tensor([len(row["completion_ids"])]),
+        torch.tensor([row["reward"]]),
+        torch.tensor([row["done"]]),
+        torch.tensor([boot]),
+        etpo.gamma,
+        etpo.beta,
+        etpo.lam,
+    )
+    return {
+        "q_target": y[0].tolist(),
+        "q_taken": stats.q_taken[0].tolist(),
+        "soft_value": stats.soft_value[0].tolist(),
+        "kl_ref": stats.kl_ref[0].tolist(),
+        "entropy": stats.entropy[0].tolist(),
+        "advantage": (stats.q_taken - stats.soft_value)[0].tolist(),  # soft advantage of the taken token
+        "bootstrap_value": boot,
+    }
+
+
+def etpo_targets(
+    model: PeftModel,
+    rows: list[dict],
+    next_prompt_ids: list[list[int] | None],
+    etpo: EtpoConfig,
+    advance: Callable[[], None],
+) -> list[dict]:
+    """`rows` (executed actions) with ETPO's targets columns; `next_prompt_ids`: None where done."""
+    for row, next_ids in zip(rows, next_prompt_ids, strict=True):
+        row.update(action_targets(model, row, next_ids, etpo))
+        advance()
+    return rows
