@@ -22,7 +22,9 @@ from pipeline.tasks.prompts import completion_prompt, state_source
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], tokens: int) -> float:
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = tokenizer(
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
     torch.manual_seed(0)
     began = time.perf_counter()
     model.generate(

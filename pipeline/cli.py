@@ -168,7 +168,7 @@ def execute(
     from pipeline.stages import execute as stage
 
     config = load_config(params)
-    rows = stage.run(config, trajectories, tasks_dir, out, EXEC_CACHE if config.executor.cache else None)
+    rows = stage.run(config, trajectories, tasks_dir, out, EXEC_CACHE)
     ok = sum(r["status"] == "ok" for r in rows)
     typer.echo(f"execute: {ok}/{len(rows)} ran -> {out}")
 
@@ -184,7 +184,7 @@ def ceiling(
     from pipeline.stages import ceiling as stage
 
     config = load_config(params)
-    best = stage.run(config, tasks_dir, out, EXEC_CACHE if config.executor.cache else None)
+    best = stage.run(config, tasks_dir, out, EXEC_CACHE)
     for task, entry in best.items():
         typer.echo(f"{task}: {entry['score']:.4f}  {entry['body'].splitlines()[-3].strip()}")
 
@@ -272,8 +272,7 @@ def eval_policy(
     if (adapters is None) != (iteration == 0):
         raise UsageError("eval: --adapters is required for k >= 1 and must be left out at k = 0")
     config = load_config(params)
-    cache = EXEC_CACHE if config.executor.cache else None
-    metrics = stage.run(config, iteration, tasks_dir, base, out, adapters, ceiling, cache)
+    metrics = stage.run(config, iteration, tasks_dir, base, out, adapters, ceiling, EXEC_CACHE)
     shown = ("mean/reward", "mean/reward_lo", "mean/reward_hi", "mean/success", "kl_ref")
     typer.echo(f"eval@{iteration}: " + " ".join(f"{k}={metrics[k]:.3f}" for k in shown))
 

@@ -115,7 +115,6 @@ def load_base(path: str | Path, device: str = "auto") -> tuple[PreTrainedModel, 
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: no model here; run the bootstrap stage first")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"  # batched generation continues every prompt from its end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

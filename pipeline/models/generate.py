@@ -72,7 +72,9 @@ def sample_batch(
 ) -> list[Completion]:
     """Sample one completion per prompt; deterministic on the CPU for a given seed."""
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    encoded = tokenizer(  # left padding: generation continues every prompt from its end
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    ).to(device)
     prompt_length = encoded["input_ids"].shape[1]
     stop = BodyStop(tokenizer, prompt_length, len(prompts))
     torch.manual_seed(seed)

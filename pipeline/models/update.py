@@ -83,7 +83,7 @@ def train_adapters(
             means = update(model, Minibatch(chunk, batch), step)
             steps += 1
             # each shard's token mean weighted by its share and summed: the minibatch's mean
-            metrics = {k: parallel.sum(v.detach() * share).item() for k, v in means.items()}
+            metrics = {k: parallel.sum(v * share).item() for k, v in means.items()}
             if log and parallel.is_main:
                 log(metrics | norms)
     model.eval()

@@ -27,7 +27,7 @@ from dvclive import Live
 
 from pipeline.config import Config
 from pipeline.io import read_json, read_trajectories, write_atomic, write_json
-from pipeline.models.adapters import load_model
+from pipeline.models.adapters import load_model, reference
 
 HISTORY, BEST_BODIES, CURVES = "history.json", "best_bodies.json", "curves.png"
 HELD_OUT_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py")
@@ -51,7 +51,7 @@ def perplexity(model, tokenizer, texts: list[str], adapter: str | None) -> float
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:HELD_OUT_TOKENS]])
         if adapter is None:
-            with model.disable_adapter():
+            with reference(model):
                 loss = model(input_ids=ids, labels=ids).loss
         else:
             model.set_adapter(adapter)

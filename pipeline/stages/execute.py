@@ -28,7 +28,7 @@ def run(config: Config, trajectories: Path, tasks_dir: Path, out: Path, cache_di
             status=result.status,
             reward=result.reward,
             score_std=result.score_std,
-            error=result.error[-config.prompt.max_error_chars * 4 :],
+            error=result.error,  # the harness keeps its tail; the prompt bounds it again
             exec_seconds=result.seconds,
         )
         row["done"], row["next_state"] = next_state(

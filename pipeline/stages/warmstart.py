@@ -33,7 +33,6 @@ def run(config: Config, base_dir: Path, out: Path) -> dict:
                 progress.update(bar, advance=1, description=f"warmstart loss {loss:.3f}")
 
             merged = warm_start(model, tokenizer, config.warmstart, config.lora, on_step)
-        tokenizer.padding_side = "right"  # as saved by bootstrap; load_base sets left for sampling
         save_base(merged, tokenizer, out)
     info = {
         "model_id": f"warm:{model_id(base_dir)}",
