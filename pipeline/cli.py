@@ -192,15 +192,17 @@ def ceiling(
 @app.command()
 @friendly
 def init(
-    out: Annotated[Path, typer.Option(help="The folder of iteration 000.")],
+    adapters: Annotated[Path, typer.Option(help="Where the fresh adapters go.")],
+    executed: Annotated[Path, typer.Option(help="The (empty) executed trajectories of iteration 000.")],
+    metrics: Annotated[Path, typer.Option(help="The (empty) evaluate folder of iteration 000.")],
     base: WarmBaseOption,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Iteration 000: fresh adapters, no open episodes, no metrics."""
     from pipeline.stages import init as stage
 
-    stage.run(load_config(params), base, out)
-    typer.echo(f"init: fresh adapters -> {out}")
+    stage.run(load_config(params), base, adapters, executed, metrics)
+    typer.echo(f"init: fresh adapters -> {adapters}")
 
 
 @app.command()
@@ -244,11 +246,11 @@ def evaluate(
     adapters: Annotated[Path, typer.Option(help="Adapters of iteration k.")],
     out: Annotated[Path, typer.Option(help="DVCLive folder for the metrics.")],
     base: WarmBaseOption,
-    previous: Annotated[Optional[Path], typer.Option(help="metrics.json of iteration k-1.")] = None,  # noqa: UP045
+    previous: Annotated[Optional[Path], typer.Option(help="The evaluate --out of k-1.")] = None,  # noqa: UP045
     ceiling: Annotated[Optional[Path], typer.Option(help="ceiling.json, for fractions of it.")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Mean reward, success rate, best so far per task, episode length, KL, perplexity; curves.png."""
+    """Training-sample statistics by step, best so far per task, KL, perplexity; curves.png."""
     from pipeline.stages import evaluate as stage
 
     metrics = stage.run(load_config(params), targets_file, base, adapters, out, previous, ceiling)
@@ -330,6 +332,36 @@ def inspect(
             pl.col("reward").max().alias("best"),
         ]
     console.print(frame.group_by(by).agg(stats).sort(by))
+
+
+@app.command()
+@friendly
+def credit(
+    file: Annotated[Path, typer.Argument(help="A targets Parquet file (targets@k).")],
+    base: Annotated[Path, typer.Option(help="The model whose tokenizer wrote the actions.")],
+    rows: Annotated[int, typer.Option(min=1, help="How many actions to show.")] = 4,
+    task: Annotated[Optional[str], typer.Option(help="Only this task's actions.")] = None,  # noqa: UP045
+    png: Annotated[Optional[Path], typer.Option(help="Also draw them into this PNG.")] = None,  # noqa: UP045
+) -> None:
+    """Actions with every token coloured by its advantage (ETPO: Q(w_j) - V_j) and its KL."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from pipeline.credit import credited_actions, draw_png, print_terminal
+    from pipeline.io import read_trajectories
+
+    frame = pl.from_arrow(read_trajectories(file, "targets"))
+    if task is not None:
+        frame = frame.filter(pl.col("task") == task)
+    if frame.is_empty():
+        raise UsageError(f"{file}: no actions{f' of task {task}' if task else ''}")
+    if not (base / "tokenizer.json").exists() and not (base / "tokenizer_config.json").exists():
+        raise UsageError(f"{base}: no tokenizer here (pass the model folder, e.g. data/models/warm)")
+    actions = credited_actions(frame.head(rows).to_dicts(), AutoTokenizer.from_pretrained(base))
+    print_terminal(actions)
+    if png is not None:
+        draw_png(actions, png)
+        typer.echo(f"credit: {len(actions)} actions -> {png}")
 
 
 @app.command()

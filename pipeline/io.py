@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ArtifactError
 
-# The files of an eval@k folder (`etpo eval --out`), read back by `etpo report` (dvc.yaml lists them);
-# metrics.json is the name DVCLive gives its metrics file.
-EVAL_SAMPLES, EVAL_REWARDS, EVAL_METRICS = "samples.parquet", "rewards.json", "metrics.json"
+METRICS = "metrics.json"  # DVCLive's metrics file in the folder it logs to (evaluate, eval, train)
+# beside it in an eval@k folder (`etpo eval --out`), read back by `etpo report`; dvc.yaml lists them
+EVAL_SAMPLES, EVAL_REWARDS = "samples.parquet", "rewards.json"
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from pipeline.tasks.datasets import (
     save_tasks,
     tic_tac_toe,
 )
+from tests.conftest import REPO, set_params
 
 
 def test_balance_scale_follows_its_rule():
@@ -118,7 +119,9 @@ def test_custom_parquet_task(tmp_path):
 
 def test_prepare_cli_reports_bad_dataset(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("tasks: {names: [], custom: [{name: c, path: missing.csv, target: t, description: C}]}")
+    params.write_text((REPO / "params.yaml").read_text())
+    custom = [{"name": "c", "path": "missing.csv", "target": "t", "description": "C"}]
+    set_params(params, {"tasks.names": [], "tasks.custom": custom})
     result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == "error: task c: data file missing.csv does not exist"

@@ -26,7 +26,11 @@ def targets_file(params, tasks_dir, tiny_base, tmp_path):
         },
     )
     common = ["--tasks-dir", tasks_dir, "--params", params]
-    invoke("init", "--base", tiny_base, "--out", tmp_path / "000", "--params", params)
+    it0 = tmp_path / "000"
+    invoke(
+        "init", "--base", tiny_base, "--adapters", it0 / "adapters",
+        "--executed", it0 / "executed.parquet", "--metrics", it0 / "metrics", "--params", params,
+    )  # fmt: skip
     invoke("sample", "--iteration", 1, "--base", tiny_base, "--out", tmp_path / "s.parquet", *common)
     invoke("execute", tmp_path / "s.parquet", "--out", tmp_path / "e.parquet", *common)
     invoke(

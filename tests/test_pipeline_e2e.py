@@ -126,6 +126,26 @@ def test_eval_at_0_is_the_same_for_every_algo_and_seed(repo_copy, tmp_path):
     assert (out / "metrics.json").read_bytes() == (shipped / "metrics.json").read_bytes()
 
 
+def test_credit_colours_the_tokens_of_real_targets(repo_copy, tmp_path):
+    targets = "data/iterations/001/targets.parquet"
+    out = run(
+        [
+            "etpo",
+            "credit",
+            targets,
+            "--base",
+            "data/models/warm",
+            "--rows",
+            "2",
+            "--png",
+            str(tmp_path / "c.png"),
+        ],
+        repo_copy,
+    )
+    assert "advantage colour scale" in out and "credited:" in out and "blamed:" in out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_exp_show_has_the_metrics(repo_copy):
     text = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], repo_copy)))
     assert "data/iterations/002/metrics/metrics.json" in text and "success_rate" in text

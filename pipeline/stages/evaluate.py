@@ -26,9 +26,10 @@ import torch
 from dvclive import Live
 
 from pipeline.config import Config
-from pipeline.io import read_json, read_trajectories, write_atomic, write_json
+from pipeline.io import METRICS, read_json, read_trajectories, write_atomic, write_json
 from pipeline.models.adapters import load_model, reference
 
+# the files of an evaluate folder besides DVCLive's METRICS; iteration k reads k-1's
 HISTORY, BEST_BODIES, CURVES = "history.json", "best_bodies.json", "curves.png"
 HELD_OUT_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py")
 HELD_OUT_TOKENS = 512  # per module: enough for a stable estimate, cheap on a CPU
@@ -147,12 +148,11 @@ def run(
     base_dir: Path,
     adapters: Path,
     out: Path,
-    previous_metrics: Path | None = None,
+    previous_dir: Path | None = None,
     ceiling: Path | None = None,
 ) -> dict[str, float]:
     frame = pl.from_arrow(read_trajectories(targets, "targets"))
-    previous_dir = previous_metrics.parent if previous_metrics else None
-    previous = read_json(previous_metrics, {})
+    previous = read_json(previous_dir / METRICS if previous_dir else None, {})
     metrics = reward_metrics(frame, previous.get("best", {}), previous.get("env_steps", 0.0))  # nested
     if ceiling:
         best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/")}

@@ -10,17 +10,17 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.io import atomic_dir, write_json, write_trajectories
+from pipeline.io import METRICS, atomic_dir, write_json, write_trajectories
 from pipeline.models.adapters import attach_adapters, save_adapters
 from pipeline.models.base import load_base
 from pipeline.provenance import artifact_metadata
 
 
-def run(config: Config, base_dir: Path, out: Path) -> None:
+def run(config: Config, base_dir: Path, adapters: Path, executed: Path, metrics: Path) -> None:
     model, _ = load_base(base_dir, config.model.device)
     torch.manual_seed(config.seed)  # LoRA A matrices are random; make them reproducible
     model = attach_adapters(model, config.lora)
-    with atomic_dir(out / "adapters") as tmp:
+    with atomic_dir(adapters) as tmp:
         save_adapters(model, tmp)
-    write_trajectories(out / "executed.parquet", [], "executed", artifact_metadata(config, base_dir))
-    write_json(out / "metrics" / "metrics.json", {})
+    write_trajectories(executed, [], "executed", artifact_metadata(config, base_dir))
+    write_json(metrics / METRICS, {})

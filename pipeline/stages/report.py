@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ArtifactError
-from pipeline.io import EVAL_METRICS, EVAL_REWARDS, read_json, write_atomic, write_json
+from pipeline.io import EVAL_REWARDS, METRICS, read_json, write_atomic, write_json
 from pipeline.stats import bootstrap_mean
 
 SUMMARY, HISTORY, BEST, CURVES = "summary.json", "eval_history.json", "best_history.json", "curves.png"
@@ -92,7 +92,7 @@ def draw_curves(rows: list[dict[str, float]], out: Path) -> None:
 
 
 def run(iterations: Path, out: Path) -> dict:
-    evals = {int(d.parent.parent.name): d for d in sorted(iterations.glob(f"*/eval/{EVAL_METRICS}"))}
+    evals = {int(d.parent.parent.name): d for d in sorted(iterations.glob(f"*/eval/{METRICS}"))}
     if 0 not in evals or len(evals) < 2:
         raise ArtifactError(
             f"{iterations}: report needs eval@0 and at least one later eval (found {sorted(evals)})"
@@ -103,7 +103,7 @@ def run(iterations: Path, out: Path) -> dict:
         raise ArtifactError(f"{iterations}: an eval folder lacks {EVAL_REWARDS}")
     metrics = {k: read_json(p, {}) for k, p in evals.items()}
     evaluated = iterations / f"{last:03d}" / "metrics"
-    last_evaluate = read_json(evaluated / "metrics.json", {})
+    last_evaluate = read_json(evaluated / METRICS, {})
     best = [
         {k: v for k, v in row.items() if k == "env_steps" or k.startswith("best_")}
         for row in read_json(evaluated / "history.json", [])
