@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.io import read_trajectories
-from tests.conftest import DEFAULTS, defaults, invoke, set_params
+from tests.conftest import DEFAULTS, REPO, defaults, invoke, set_params
 
 
 def test_sample_execute_and_continue_episodes(params, tasks_dir, tiny_base, tmp_path):
@@ -50,7 +50,8 @@ def test_inspect_reports_a_corrupt_file_in_one_line(tmp_path):
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(f"model: {{path: {tmp_path / 'nowhere'}}}\n")
+    params.write_text((REPO / "params.yaml").read_text())
+    set_params(params, {"model.path": str(tmp_path / "nowhere")})
     result = CliRunner().invoke(app, ["bootstrap", "--params", str(params), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: model.path: {tmp_path / 'nowhere'} does not exist"

@@ -11,7 +11,8 @@ hidden state: the PPO baseline's value function. ETPO does not use it.
 from __future__ import annotations
 
 import warnings
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -22,10 +23,6 @@ from transformers import PreTrainedModel
 
 from pipeline.config import Config, LoraConfig
 from pipeline.models.base import load_base
-
-# peft (0.21, the latest) reads transformers' deprecated `is_gradient_checkpointing` alias each
-# time it wraps a model, so every stage printed a FutureWarning that no user can act on.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 ADAPTERS = ("policy", "critic", "target")
 VALUE_HEAD = "value_head.safetensors"
@@ -41,9 +38,24 @@ def lora_config(config: LoraConfig) -> PeftLoraConfig:
     )
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft (0.21, the latest) reads transformers' deprecated `is_gradient_checkpointing` alias each
+    time it wraps a model: a FutureWarning in every stage that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def wrap(base: PreTrainedModel, config: LoraConfig, name: str = "default") -> PeftModel:
+    """`base` with one fresh LoRA adapter `name` (peft freezes the base's own weights)."""
+    with quiet_peft():
+        return get_peft_model(base, lora_config(config), adapter_name=name)
+
+
 def attach_adapters(base: PreTrainedModel, config: LoraConfig) -> PeftModel:
     """Fresh adapters on `base` (whose own weights are frozen by peft)."""
-    model = get_peft_model(base, lora_config(config), adapter_name=ADAPTERS[0])
+    model = wrap(base, config, ADAPTERS[0])
     for name in ADAPTERS[1:]:
         model.add_adapter(name, lora_config(config))
     model.set_adapter("policy")
@@ -75,9 +87,10 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
     missing = [n for n in ADAPTERS if not (directory / n / "adapter_config.json").exists()]
     if missing:
         raise FileNotFoundError(f"{directory}: adapter {missing[0]!r} is missing")
-    model = PeftModel.from_pretrained(
-        base, directory / ADAPTERS[0], adapter_name=ADAPTERS[0], is_trainable=trainable
-    )
+    with quiet_peft():
+        model = PeftModel.from_pretrained(
+            base, directory / ADAPTERS[0], adapter_name=ADAPTERS[0], is_trainable=trainable
+        )
     for name in ADAPTERS[1:]:
         model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
     model.set_adapter("policy")

@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft import get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, WarmstartConfig
-from pipeline.models.adapters import lora_config
+from pipeline.models.adapters import wrap
 from pipeline.tasks.bodies import random_body
 from pipeline.tasks.prompts import completion_prompt, state_source
 
@@ -123,7 +122,7 @@ def warm_start(
     """Fine-tune a LoRA adapter on the synthetic corpus and merge it: returns the new base."""
     examples = encode(synthetic_examples(config.corpus_size, config.seed), tokenizer)
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(model, lora_config(lora))
+    peft_model = wrap(model, lora)
     peft_model.train()
     optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr)
     order = random.Random(config.seed)
