@@ -45,7 +45,7 @@ def compute_targets(
     if config.algo == "ppo":
         return ppo_targets(model, rows, config.ppo, advance)
     if config.algo == "grpo":
-        return grpo_targets(model, rows, advance)
+        return grpo_targets(model, rows, config.grpo, advance)
     return best_of_n_targets(model, rows, advance)
 
 

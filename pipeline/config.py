@@ -161,6 +161,9 @@ class GrpoConfig:
     kl_coef: float = field(metadata=_range(0.0, 100.0))
     """Weight of the KL(pi || rho) loss term (per-token k3 estimate)."""
     clip: float = field(metadata=_range(0.0, 10.0))
+    std_floor: float = field(metadata=_range(0.0, 10.0))
+    """Least group standard deviation the advantages are divided by: on a saturated task AUC
+    differences of 0.001 would otherwise become advantages of +-1."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ class TrainConfig:
     minibatch_size: int = field(metadata=_range(1, 4096))
     policy_lr: float = field(metadata=_range(0.0, 1.0))
     critic_lr: float = field(metadata=_range(0.0, 1.0))
+    weight_decay: float = field(metadata=_range(0.0, 1.0))
+    """AdamW's decoupled weight decay on the LoRA factors (and the value head): a pull toward the
+    reference policy on top of the KL terms; 0 leaves the regularisation to beta / kl_coef."""
     grad_clip: float = field(metadata=_range(0.0, 1e6))
     """Max global grad norm per adapter; 0 disables clipping."""
 
@@ -315,7 +321,25 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     _check_tasks(config.tasks)
     _check_iterations(config.iterations)
     _check_evals(config.eval.iterations, list(config.iterations))
+    _check_sampling(config.sampling, config.algo)
     return config
+
+
+def _check_sampling(sampling: SamplingConfig, algo: str) -> None:
+    """Targets, KL and the PPO/GRPO ratios use pi at temperature 1 with nothing cut off: sampling
+    from a warped pi would make every training algorithm off-policy with no correction."""
+    if algo == "best_of_n":
+        return
+    for key, value, plain in (
+        ("temperature", sampling.temperature, 1.0),
+        ("top_k", sampling.top_k, 0),
+        ("top_p", sampling.top_p, 1.0),
+    ):
+        if value != plain:
+            raise ConfigError(
+                f"sampling.{key}: {value!r} warps the behaviour policy, which algo {algo!r} assumes is pi "
+                f"itself; set {plain!r} (or algo: best_of_n)"
+            )
 
 
 def _check_evals(evals: list[str], iterations: list[str]) -> None:

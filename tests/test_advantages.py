@@ -34,6 +34,16 @@ def test_gae_equals_a_reverse_loop(gamma, lam):
         assert advantages[b, n:].abs().sum() == 0 and returns[b, n:].abs().sum() == 0
 
 
+def test_the_group_std_floor_keeps_near_equal_rewards_small():
+    rewards = torch.tensor([0.990, 0.991, -1.0, 0.8], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1])
+    plain = group_advantages(rewards, groups)
+    floored = group_advantages(rewards, groups, std_floor=0.05)
+    assert plain[0].item() == pytest.approx(-0.707, abs=1e-3)  # 0.001 apart: +-1 / sqrt(2)
+    assert abs(floored[0].item()) < 0.02  # (0.990 - 0.9905) / 0.05
+    assert torch.equal(floored[2:], plain[2:])  # a real difference is above the floor
+
+
 def test_group_advantages_equal_a_loop_over_groups():
     rng = random.Random(0)
     groups = [rng.randrange(6) for _ in range(40)] + [6]  # group 6 has one sample

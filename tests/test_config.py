@@ -57,6 +57,15 @@ def test_bad_params_name_the_key(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("algo", ["etpo", "ppo", "grpo"])
+@pytest.mark.parametrize(("key", "value"), [("temperature", 0.5), ("top_k", 50), ("top_p", 0.9)])
+def test_warped_sampling_is_refused_for_the_training_algorithms(tmp_path, algo, key, value):
+    """Targets, KL and ratios use pi itself; a warped behaviour policy would be silently off-policy."""
+    with pytest.raises(ConfigError, match=f"sampling.{key}: .* warps the behaviour policy"):
+        load_config(write(tmp_path, f"algo: {algo}\nsampling: {{{key}: {value}}}"))
+    assert load_config(write(tmp_path, f"algo: best_of_n\nsampling: {{{key}: {value}}}")).sampling
+
+
 def test_every_key_must_be_set(tmp_path):
     """params.yaml is the one source of defaults: a missing key is an error, not a hidden default."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -3,7 +3,14 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.models.adapters import ADAPTERS, attach_adapters, load_adapters, reference, save_adapters
+from pipeline.models.adapters import (
+    ADAPTERS,
+    adapter_parameters,
+    attach_adapters,
+    load_adapters,
+    reference,
+    save_adapters,
+)
 from pipeline.models.base import load_base
 from pipeline.models.generate import BodyStop, sample
 from pipeline.tasks.prompts import completion_prompt, state_source
@@ -39,6 +46,25 @@ def test_fresh_adapters_are_the_identity_and_reference_is_the_base(tiny_base):
     assert not torch.allclose(logits(peft_model, tokenizer), plain)
     with reference(peft_model):
         assert torch.equal(logits(peft_model, tokenizer), plain)
+
+
+def test_the_target_critic_starts_as_an_exact_copy_of_the_critic(tiny_base):
+    """Polyak averages A and B separately, so only equal factors make Q_bar track Q."""
+    model, tokenizer = load_base(tiny_base)
+    peft_model = attach_adapters(model, defaults("lora", rank=4))
+    critic, target = adapter_parameters(peft_model, "critic"), adapter_parameters(peft_model, "target")
+    assert len(critic) == len(target) > 0
+    assert all(torch.equal(c, t) for c, t in zip(critic, target, strict=True))
+    assert not torch.equal(critic[0], adapter_parameters(peft_model, "policy")[0])  # A is random per adapter
+    with torch.no_grad():  # the same critic step on both: Q_bar == Q (in iteration 000 and after)
+        for c, t in zip(critic, target, strict=True):
+            step = torch.randn(c.shape, generator=torch.Generator().manual_seed(c.numel())) * 0.05
+            c.add_(step)
+            t.add_(step)
+    peft_model.set_adapter("critic")
+    q = logits(peft_model, tokenizer)
+    peft_model.set_adapter("target")
+    assert torch.equal(logits(peft_model, tokenizer), q)
 
 
 def test_adapters_save_and_load_to_identical_logits(tiny_base, tmp_path):

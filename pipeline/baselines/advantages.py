@@ -31,11 +31,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * mask
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-6) -> Tensor:
-    """(R - group mean) / (group std + eps) per action (B,); 0 in a group of one sample.
+def group_advantages(rewards: Tensor, groups: Tensor, std_floor: float = 0.0, eps: float = 1e-6) -> Tensor:
+    """(R - group mean) / (max(group std, std_floor) + eps) per action (B,); 0 in a group of one.
 
     groups (B,) holds integer ids of the state each action was sampled from. The std is the
-    unbiased one, as in the GRPO paper's implementation.
+    unbiased one, as in the GRPO paper's implementation; the floor keeps near-equal rewards (AUCs
+    0.001 apart on a saturated task) from becoming advantages of +-1.
     """
     n = int(groups.max()) + 1 if groups.numel() else 0
     counts = torch.zeros(n, dtype=rewards.dtype, device=rewards.device).index_add_(
@@ -44,7 +45,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-6) -> Tens
     mean = torch.zeros_like(counts).index_add_(0, groups, rewards) / counts.clamp(min=1)
     centred = rewards - mean[groups]
     var = torch.zeros_like(counts).index_add_(0, groups, centred**2) / (counts - 1).clamp(min=1)
-    advantages = centred / (var.sqrt()[groups] + eps)
+    advantages = centred / (var.sqrt().clamp(min=std_floor)[groups] + eps)
     return torch.where(counts[groups] > 1, advantages, torch.zeros_like(advantages))
 
 

@@ -17,7 +17,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from pipeline.baselines.advantages import gae, group_advantages, kl_penalised_rewards, whiten
-from pipeline.config import PpoConfig
+from pipeline.config import GrpoConfig, PpoConfig
 from pipeline.models.logits import ActionBatch, action_hidden, action_logits, per_token
 from pipeline.models.tokens import entropy, kl_to_reference
 
@@ -52,13 +52,15 @@ def ppo_targets(
     return _filled(rows, whiten(advantages, batch.mask), q_target=returns, q_taken=values, soft_value=values)
 
 
-def grpo_targets(model: PeftModel, rows: list[dict], advance: Callable[[], None]) -> list[dict]:
+def grpo_targets(
+    model: PeftModel, rows: list[dict], grpo: GrpoConfig, advance: Callable[[], None]
+) -> list[dict]:
     """`rows` with GRPO's group-relative advantage at every token of an action; no critic."""
     _with_stats(model, rows, values=False, advance=advance)
     batch = _layout(rows)
     groups = _group_ids([(r["iteration"], r["state"]) for r in rows])
     reward = torch.tensor([r["reward"] for r in rows])
-    return _filled(rows, group_advantages(reward, groups)[:, None] * batch.mask)
+    return _filled(rows, group_advantages(reward, groups, grpo.std_floor)[:, None] * batch.mask)
 
 
 def best_of_n_targets(model: PeftModel, rows: list[dict], advance: Callable[[], None]) -> list[dict]:

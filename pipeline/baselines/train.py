@@ -4,8 +4,8 @@
            L_V  = 1/2 (V(prefix_j) - return_j)^2                  V: value head on the critic adapter
     grpo:  L_pi = clipped surrogate(pi / pi_old, A) + kl_coef k3(pi, rho)   A: group-relative
 
-pi_old is the behaviour policy, whose log-probs the sample stage recorded (exact at temperature 1
-with no top-k/top-p; otherwise those of the warped distribution that was sampled from).
+pi_old is the behaviour policy, whose log-probs the sample stage recorded: pi itself, since
+config.py refuses a warped sampler (temperature, top-k, top-p) for the training algorithms.
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 

@@ -2,7 +2,9 @@
 
 The reference policy rho is the base with adapters disabled (`reference(model)`). LoRA's B matrix
 starts at zero, so every adapter starts as the identity: the policy equals rho, and the residual
-critic Q = beta * (z_critic - z_rho) is exactly zero, as docs/design.md §1 requires.
+critic Q = beta * (z_critic - z_rho) is exactly zero, as docs/design.md §1 requires. The target
+critic starts as an exact copy of the critic, A matrices included: Polyak averages the factors A
+and B separately, so with independent random A's the target's product would mix in noise.
 
 `model.value_head` (hidden -> 1, zero at first) reads a state value from the critic adapter's last
 hidden state: the PPO baseline's value function. ETPO does not use it.
@@ -58,6 +60,10 @@ def attach_adapters(base: PreTrainedModel, config: LoraConfig) -> PeftModel:
     model = wrap(base, config, ADAPTERS[0])
     for name in ADAPTERS[1:]:
         model.add_adapter(name, lora_config(config))
+    critic, target = adapter_parameters(model, "critic"), adapter_parameters(model, "target")
+    with torch.no_grad():  # the target critic starts as the critic, A matrices included: Q_bar = Q
+        for t, c in zip(target, critic, strict=True):
+            t.copy_(c)
     model.set_adapter("policy")
     return _with_value_head(model)
 

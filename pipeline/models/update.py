@@ -64,7 +64,9 @@ def train_adapters(
     """
     params = optimised_parameters(model)
     lr = {"policy": train.policy_lr, "critic": train.critic_lr}
-    optimisers = {name: torch.optim.AdamW(p, lr=lr[name]) for name, p in params.items()}
+    optimisers = {
+        name: torch.optim.AdamW(p, lr=lr[name], weight_decay=train.weight_decay) for name, p in params.items()
+    }
     device = params["policy"][0].device
     parallel = parallel or DataParallel(device)
     order = random.Random(seed)
