@@ -8,10 +8,10 @@ import torch
 
 from pipeline.algorithms import update_for
 from pipeline.etpo.train import etpo_update
-from pipeline.models.adapters import adapter_parameters, attach_adapters
+from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
 from pipeline.models.logits import ActionBatch, action_logits
-from pipeline.models.update import train_adapters
+from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from tests.conftest import DEFAULTS, defaults
 
 
@@ -123,3 +123,36 @@ def test_action_logits_are_each_sequence_own_logits(tiny_base):
                 with ctx:
                     full = model(input_ids=alone.input_ids).logits[0, len(p) - 1 : len(p) + len(c) - 1]
             assert torch.allclose(got[b, : len(c)], full, atol=1e-5), (adapter, b)
+
+
+def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_path):
+    """Two iterations of one epoch, the adapters and Adam's state saved and reloaded in between, end
+    where one run of two epochs does (one action: the order of minibatches cannot differ)."""
+    _, tokenizer = load_base(tiny_base)
+    rows = rows_for(tokenizer, [1.0, -1.0])[:1]
+    update = partial(etpo_update, etpo=DEFAULTS.etpo)
+    one_epoch = defaults("train", epochs=1, minibatch_size=1, policy_lr=1e-2, critic_lr=1e-2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return attach_adapters(load_base(tiny_base)[0], defaults("lora", rank=4))
+
+    continuous = fresh()
+    train_adapters(continuous, rows, tokenizer.pad_token_id, update, replace(one_epoch, epochs=2), seed=0)
+    first = fresh()
+    optimisers = make_optimisers(first, one_epoch)
+    train_adapters(first, rows, tokenizer.pad_token_id, update, one_epoch, seed=0, optimisers=optimisers)
+    save_adapters(first, tmp_path)
+    save_optimisers(optimisers, tmp_path)
+    results = {}
+    for carried in (True, False):
+        second = load_adapters(load_base(tiny_base)[0], tmp_path, trainable=True)
+        state = make_optimisers(second, one_epoch, tmp_path if carried else None)
+        train_adapters(second, rows, tokenizer.pad_token_id, update, one_epoch, seed=0, optimisers=state)
+        results[carried] = second
+    for name in ("policy", "critic", "target"):
+        want = adapter_parameters(continuous, name)
+        for carried, model in results.items():
+            got = adapter_parameters(model, name)
+            close = all(torch.allclose(w, g, atol=1e-6) for w, g in zip(want, got, strict=True))
+            assert close == carried, (name, carried)  # a fresh Adam takes a different second step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -35,6 +36,7 @@ class Minibatch:
         return per_token(self.rows, key, self.batch)
 
 
+OPTIMISERS = "optimisers.pt"  # beside the adapters: Adam's moments carry over to the next iteration
 Step = Callable[[str, Tensor], float]  # step(optimiser name, loss) -> gradient norm before clipping
 Update = Callable[[PeftModel, Minibatch, Step], dict[str, Tensor]]
 
@@ -47,6 +49,32 @@ def optimised_parameters(model: PeftModel) -> dict[str, list[torch.nn.Parameter]
     }
 
 
+def make_optimisers(
+    model: PeftModel, train: TrainConfig, saved: Path | None = None
+) -> dict[str, torch.optim.Optimizer]:
+    """AdamW for the policy and for the critic, continuing from the state saved in `saved` (the
+    previous iteration's adapters folder) if there is one. Each iteration continues one
+    optimisation rather than restarting Adam, whose first steps are about lr in size whatever the
+    gradient. Learning rates and weight decay are this iteration's params, not the saved ones."""
+    params = optimised_parameters(model)
+    lr = {"policy": train.policy_lr, "critic": train.critic_lr}
+    optimisers = {
+        name: torch.optim.AdamW(p, lr=lr[name], weight_decay=train.weight_decay) for name, p in params.items()
+    }
+    if saved is not None and (saved / OPTIMISERS).exists():
+        state = torch.load(saved / OPTIMISERS, map_location=params["policy"][0].device, weights_only=True)
+        for name, optimiser in optimisers.items():
+            optimiser.load_state_dict(state[name])
+            for group in optimiser.param_groups:
+                group.update(lr=lr[name], weight_decay=train.weight_decay)
+    return optimisers
+
+
+def save_optimisers(optimisers: dict[str, torch.optim.Optimizer], out: Path) -> None:
+    """Next to the adapters saved in `out` (an atomic temp folder of the train stage)."""
+    torch.save({name: o.state_dict() for name, o in optimisers.items()}, out / OPTIMISERS)
+
+
 def train_adapters(
     model: PeftModel,
     rows: list[dict],
@@ -56,6 +84,7 @@ def train_adapters(
     seed: int,
     log: Callable[[dict[str, float]], None] | None = None,
     parallel: DataParallel | None = None,
+    optimisers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> int:
     """`train.epochs` passes of `update` over shuffled minibatches of `rows`; returns optimiser steps.
 
@@ -63,10 +92,7 @@ def train_adapters(
     those of one process on the whole minibatch (`pipeline.parallel`).
     """
     params = optimised_parameters(model)
-    lr = {"policy": train.policy_lr, "critic": train.critic_lr}
-    optimisers = {
-        name: torch.optim.AdamW(p, lr=lr[name], weight_decay=train.weight_decay) for name, p in params.items()
-    }
+    optimisers = optimisers or make_optimisers(model, train)
     device = params["policy"][0].device
     parallel = parallel or DataParallel(device)
     order = random.Random(seed)

@@ -14,7 +14,7 @@ from pipeline.io import atomic_dir, read_trajectories
 from pipeline.models.adapters import load_model, save_adapters
 from pipeline.models.base import resolve_device
 from pipeline.models.generate import stream_seed
-from pipeline.models.update import train_adapters
+from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from pipeline.parallel import DataParallel
 
 
@@ -41,16 +41,19 @@ def run(
 
         update = update_for(config)
         if update is not None:
+            optimisers = make_optimisers(model, config.train, adapters)  # continued from k-1's
             seed = stream_seed(config.seed, iteration, "train")
             steps = train_adapters(
-                model, rows, tokenizer.pad_token_id, update, config.train, seed, log, parallel
+                model, rows, tokenizer.pad_token_id, update, config.train, seed, log, parallel, optimisers
             )
         else:  # best_of_n samples from the same policy every iteration
-            steps = 0
+            optimisers, steps = {}, 0
             if parallel.is_main:
                 log({"train/actions": float(len(rows))})  # one point, so DVC finds the plots it expects
     if parallel.is_main:  # every process holds the same adapters
         with atomic_dir(out) as tmp:
             save_adapters(model, tmp)
+            if optimisers:
+                save_optimisers(optimisers, tmp)
     parallel.wait()
     return steps
