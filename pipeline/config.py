@@ -132,8 +132,10 @@ class EtpoConfig:
     """Discount across environment steps (never inside an action)."""
     lam: float = field(metadata={**_range(0.0, 1.0), "key": "lambda"})
     """lambda-return mixing (`lambda` in params.yaml); 0 is the paper's one-step target."""
-    parametrisation: Literal["residual", "paper"]
-    """`residual`: Q = beta (z_critic - z_rho), zero at initialisation; `paper`: Q = z_critic."""
+    parametrisation: Literal["residual", "paper", "dueling"]
+    """`residual`: Q = beta (z_critic - z_rho), zero at initialisation; `paper`: Q = z_critic;
+    `dueling`: Q = V_psi + beta (log_softmax z_critic - log_softmax z_rho), V_psi a value head on the
+    critic adapter (an untaken token's Q defaults to the state's value, not 0)."""
     huber_delta: float = field(metadata=_range(1e-6, 1e6))
     tau: float = field(metadata=_range(0.0, 1.0))
     """Polyak rate of the target critic, applied after every optimiser step."""

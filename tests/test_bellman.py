@@ -10,7 +10,17 @@ from pipeline.etpo.bellman import q_targets, token_stats
 from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
 
 
-def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param):
+def loop_q(zt, zr, v, beta, param):
+    """Q over the vocabulary at one position, as plain Python lists."""
+    if param == "residual":
+        return [beta * (t - r) for t, r in zip(zt, zr, strict=True)]
+    if param == "paper":
+        return list(zt)
+    lt, lr = (torch.tensor(z).log_softmax(-1).tolist() for z in (zt, zr))
+    return [v + beta * (t - r) for t, r in zip(lt, lr, strict=True)]
+
+
+def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param, v_t):
     """docs/design.md §1 written token by token, vocabulary sums as plain Python sums."""
     B, T, V = z_pi.shape
     out = torch.zeros(B, T, dtype=torch.float64)
@@ -21,7 +31,7 @@ def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamm
             lp = z_pi[b, j].double().log_softmax(-1).tolist()
             lr = z_rho[b, j].double().log_softmax(-1).tolist()
             zt, zr = z_target[b, j].double().tolist(), z_rho[b, j].double().tolist()
-            q = [beta * (zt[w] - zr[w]) if param == "residual" else zt[w] for w in range(V)]
+            q = loop_q(zt, zr, float(v_t[b, j]), beta, param)
             kl = sum(math.exp(lp[w]) * (lp[w] - lr[w]) for w in range(V))
             ev = sum(math.exp(lp[w]) * q[w] for w in range(V))
             values.append(ev - beta * kl)
@@ -34,7 +44,7 @@ def loop_targets(z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamm
     return out
 
 
-@pytest.mark.parametrize("param", ["residual", "paper"])
+@pytest.mark.parametrize("param", ["residual", "paper", "dueling"])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_targets_equal_a_plain_loop(param, lam):
     gen = torch.Generator().manual_seed(0)
@@ -45,26 +55,43 @@ def test_targets_equal_a_plain_loop(param, lam):
     reward = torch.tensor([0.9, -1.0, 0.5, -1.0, 0.7])
     done = torch.tensor([True, False, True, False, False])  # terminal and non-terminal
     boot = torch.randn(B, generator=gen)  # V_1(s_{t+1}); truncated actions use it like any other
-    stats = token_stats(z_pi, z_rho, z_target, taken, beta, param, chunk=4)  # chunk < T
+    v_target = torch.randn(B, T, generator=gen)  # the dueling critic's state values
+    stats = token_stats(z_pi, z_rho, z_target, taken, beta, param, chunk=4, v_target=v_target)  # chunk < T
     y = q_targets(stats.soft_value, stats.logratio_taken, lengths, reward, done, boot, gamma, beta, lam)
     expected = loop_targets(
-        z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param
+        z_pi, z_rho, z_target, taken, lengths, reward, done, boot, gamma, beta, lam, param, v_target
     )
     assert torch.allclose(y.double(), expected, atol=1e-5)
     pad = torch.arange(T)[None, :] >= lengths[:, None]
     assert torch.all(y[pad] == 0)
 
 
-def test_residual_critic_at_zero_gives_zero_q_and_leaves_policy_unchanged():
+def test_dueling_values_are_the_state_value_less_the_kl_to_the_critic_policy():
+    """V_j = E_pi[Q] - beta KL(pi || rho) = v - beta KL(pi || softmax z_critic) (docs/design.md §1)."""
+    gen = torch.Generator().manual_seed(2)
+    z_pi, z_rho, z_critic = (torch.randn(3, 4, 13, generator=gen, dtype=torch.float64) for _ in range(3))
+    v, beta = torch.randn(3, 4, generator=gen, dtype=torch.float64), 0.2
+    taken = torch.randint(0, 13, (3, 4), generator=gen)
+    stats = token_stats(z_pi, z_rho, z_critic, taken, beta, "dueling", v_target=v)
+    logp_pi, logp_c = z_pi.log_softmax(-1), z_critic.log_softmax(-1)
+    kl = (logp_pi.exp() * (logp_pi - logp_c)).sum(-1)
+    assert torch.allclose(stats.soft_value.double(), v - beta * kl, atol=1e-5)
+    q = v.unsqueeze(-1) + beta * (logp_c - z_rho.log_softmax(-1))  # beta logsumexp_rho(Q / beta) = v
+    assert torch.allclose(beta * torch.logsumexp(z_rho.log_softmax(-1) + q / beta, -1), v)
+
+
+@pytest.mark.parametrize("param", ["residual", "dueling"])
+def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param):
     gen = torch.Generator().manual_seed(1)
     z_rho = torch.randn(2, 5, 11, generator=gen)
     z_pi = z_rho.clone().requires_grad_(True)  # an untrained policy adapter: pi = rho
     z_critic = z_rho.clone()  # an untrained (zero) critic adapter: z_critic = z_rho
-    stats = token_stats(z_pi.detach(), z_rho, z_critic, torch.zeros(2, 5, dtype=torch.long), 0.1, "residual")
-    assert torch.allclose(stats.q_taken, torch.zeros(2, 5)) and torch.allclose(
-        stats.soft_value, torch.zeros(2, 5)
-    )
-    loss = policy_loss(z_pi, z_rho, z_critic, torch.ones(2, 5), beta=0.1, parametrisation="residual")
+    v = torch.zeros(2, 5)  # and a zero value head
+    taken = torch.zeros(2, 5, dtype=torch.long)
+    stats = token_stats(z_pi.detach(), z_rho, z_critic, taken, 0.1, param, v_target=v)
+    assert torch.allclose(stats.q_taken, torch.zeros(2, 5), atol=1e-6)
+    assert torch.allclose(stats.soft_value, torch.zeros(2, 5), atol=1e-6)
+    loss = policy_loss(z_pi, z_rho, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert z_pi.grad.abs().max().item() < 1e-6  # no update: pi_star = rho = pi
@@ -91,8 +118,9 @@ def soft_optimum(rho_logits, reward, L, V, beta):
     return pi_star
 
 
+@pytest.mark.parametrize("param", ["residual", "dueling"])
 @pytest.mark.parametrize("L", [2, 3])
-def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L):
+def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L, param):
     """Tabular ETPO (targets, Huber critic, KL projection, Polyak) reaches pi* at every prefix."""
     V, beta, tau = 3, 0.5, 0.05
     gen = torch.Generator().manual_seed(L)
@@ -104,24 +132,27 @@ def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L):
     pi_star = soft_optimum({p: rho[index[p]] for p in prefixes}, reward, L, V, beta)
 
     policy = rho.clone().requires_grad_(True)  # tables of logits, one row per prefix
-    critic = rho.clone().requires_grad_(True)  # residual: Q = beta (z_critic - z_rho) = 0 at start
-    target = critic.detach().clone()
+    critic = rho.clone().requires_grad_(True)  # Q = 0 at the start: z_critic = z_rho (and v = 0)
+    v = torch.zeros(len(prefixes), requires_grad=True)  # the dueling critic's state value per prefix
+    target, v_target = critic.detach().clone(), v.detach().clone()
     rows = torch.tensor([[index[a[:j]] for j in range(L)] for a in actions])  # (A, L) prefix per position
     taken = torch.tensor(actions)  # (A, L)
     rewards = torch.tensor([reward[a] for a in actions])
     lengths, done, boot = torch.full((len(actions),), L), torch.ones(len(actions)), torch.zeros(len(actions))
     mask = torch.ones(len(actions), L)
-    opt = torch.optim.Adam([policy, critic], lr=0.05)
+    opt = torch.optim.Adam([policy, critic, v], lr=0.05)
     for _ in range(1500):
         with torch.no_grad():
-            stats = token_stats(policy[rows], rho[rows], target[rows], taken, beta, "residual")
+            stats = token_stats(
+                policy[rows], rho[rows], target[rows], taken, beta, param, v_target=v_target[rows]
+            )
             y = q_targets(stats.soft_value, stats.logratio_taken, lengths, rewards, done, boot, 1.0, beta)
-        loss = critic_loss(critic[rows], rho[rows], taken, y, mask, beta, 1.0, "residual")
-        loss = loss + policy_loss(policy[rows], rho[rows], critic[rows], mask, beta, "residual")
+        loss = critic_loss(critic[rows], rho[rows], taken, y, mask, beta, 1.0, param, v[rows])
+        loss = loss + policy_loss(policy[rows], rho[rows], critic[rows], mask, beta, param)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        polyak_update([target], [critic.detach()], tau)
+        polyak_update([target, v_target], [critic.detach(), v.detach()], tau)
     pi = policy.detach().softmax(-1)
     for p in prefixes:
         tv = 0.5 * (pi[index[p]] - pi_star[p]).abs().sum().item()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.algorithms import update_for
+from pipeline.etpo.targets import action_targets
 from pipeline.etpo.train import etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
@@ -34,18 +35,21 @@ def policy_logits(model, tokenizer):
         return model(**ids).logits
 
 
-def test_untrained_residual_critic_leaves_the_policy_unchanged(tiny_base):
+@pytest.mark.parametrize("param", ["residual", "dueling"])
+def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param):
+    """At initialisation the update is a no-op: pi_star = softmax(z_critic) = rho = pi."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
     before = policy_logits(model, tokenizer)
     train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
-    update = partial(etpo_update, etpo=DEFAULTS.etpo)
+    update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param))
     train_adapters(model, rows_for(tokenizer, [1.0, -1.0]), tokenizer.pad_token_id, update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
 
-def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
+@pytest.mark.parametrize("param", ["residual", "dueling"])
+def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param):
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
@@ -56,7 +60,7 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
         model,
         rows_for(tokenizer, [1.0, -1.0]),
         tokenizer.pad_token_id,
-        partial(etpo_update, etpo=defaults("etpo", tau=0.5)),
+        partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param)),
         train,
         seed=0,
         log=logged.append,
@@ -67,6 +71,11 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base):
     assert len(critic) == len(target) > 0
     moved = sum((t - c).abs().sum() for t, c in zip(target, critic, strict=True))
     assert 0 < moved < sum(c.abs().sum() for c in critic)  # the target trails the critic
+    v, v_target = model.value_head.weight, model.target_value_head.weight
+    if param == "dueling":  # V_psi is fitted, and its target trails it too
+        assert 0 < (v_target - v).abs().sum() < v.abs().sum()
+    else:
+        assert v.abs().sum() == 0 == v_target.abs().sum()
 
 
 def body_logprob(model, tokenizer, row):
@@ -156,3 +165,21 @@ def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_pat
             got = adapter_parameters(model, name)
             close = all(torch.allclose(w, g, atol=1e-6) for w, g in zip(want, got, strict=True))
             assert close == carried, (name, carried)  # a fresh Adam takes a different second step
+
+
+def test_dueling_targets_read_the_target_value_head(tiny_base):
+    """With untrained adapters (z_target = z_rho, pi = rho) and a target value head that says 0.7
+    everywhere, Q of every token and every soft value is 0.7, and so is the next state's value."""
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, defaults("lora", rank=4))
+    with torch.no_grad():
+        model.target_value_head.bias.fill_(0.7)
+    row = rows_for(tokenizer, [1.0, -1.0])[0] | {"reward": -1.0, "done": False}
+    etpo = defaults("etpo", parametrisation="dueling")
+    got = action_targets(model, row, row["prompt_ids"], etpo)
+    assert got["bootstrap_value"] == pytest.approx(0.7, abs=1e-5)
+    assert got["q_taken"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
+    assert got["soft_value"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
+    residual = action_targets(model, row, row["prompt_ids"], defaults("etpo", parametrisation="residual"))
+    assert residual["bootstrap_value"] == pytest.approx(0.0, abs=1e-6)  # the head plays no part

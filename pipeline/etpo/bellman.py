@@ -21,17 +21,23 @@ from torch import Tensor
 
 from pipeline.models.tokens import discounted_sum, entropy, kl_to_reference
 
-Parametrisation = Literal["residual", "paper"]
+Parametrisation = Literal["residual", "paper", "dueling"]
 
 
-def q_values(z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation) -> Tensor:
+def q_values(
+    z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation, v: Tensor | None = None
+) -> Tensor:
     """Soft Q over the vocabulary read from a critic's logits: (..., V) -> (..., V).
 
     residual: Q = beta (z_critic - z_rho), zero for an untrained (zero) adapter;
-    paper:    Q = z_critic, the LM's own logits.
+    paper:    Q = z_critic, the LM's own logits;
+    dueling:  Q = v + beta (log_softmax z_critic - log_softmax z_rho), v (...) the critic's state
+              value: beta log E_rho exp(Q / beta) = v exactly, and pi_star = softmax(z_critic).
     """
     if parametrisation == "residual":
         return beta * (z_critic - z_rho)
+    if parametrisation == "dueling":
+        return v.unsqueeze(-1) + beta * (z_critic.log_softmax(-1) - z_rho.log_softmax(-1))
     return z_critic
 
 
@@ -64,8 +70,10 @@ def token_stats(
     beta: float,
     parametrisation: Parametrisation,
     chunk: int = 64,
+    v_target: Tensor | None = None,
 ) -> TokenStats:
-    """Reduce three (B, T, V) logit tensors to per-token scalars, `chunk` positions at a time.
+    """Reduce three (B, T, V) logit tensors to per-token scalars, `chunk` positions at a time
+    (`v_target` (B, T): the target critic's state values, for the dueling parametrisation).
 
     Only chunk x V float32 temporaries live at once per tensor, so the memory of the reduction
     is O(B T + chunk V), not O(B T V) like the reference code's stored logits.
@@ -75,7 +83,8 @@ def token_stats(
         sl = slice(start, start + chunk)
         logp_pi = z_pi[:, sl].float().log_softmax(-1)  # (B, c, V)
         logp_rho = z_rho[:, sl].float().log_softmax(-1)
-        q = q_values(z_target[:, sl].float(), z_rho[:, sl].float(), beta, parametrisation)
+        v = v_target[:, sl].float() if v_target is not None else None
+        q = q_values(z_target[:, sl].float(), z_rho[:, sl].float(), beta, parametrisation, v)
         idx = taken[:, sl].unsqueeze(-1)  # (B, c, 1)
         values = (
             soft_value(logp_pi, logp_rho, q, beta),

@@ -28,14 +28,18 @@ def critic_loss(
     beta: float,
     delta: float,
     parametrisation: Parametrisation,
+    v: Tensor | None = None,
 ) -> Tensor:
     """Huber loss of the critic's Q at the taken tokens against the (constant) targets.
 
-    z_critic, z_rho: (B, T, V); taken, targets, mask: (B, T).
+    z_critic, z_rho: (B, T, V); taken, targets, mask, v (the dueling critic's state values): (B, T).
     """
     idx = taken.unsqueeze(-1)
-    q_taken = q_values(z_critic.gather(-1, idx), z_rho.gather(-1, idx), beta, parametrisation).squeeze(-1)
-    per_token = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=delta)
+    if parametrisation == "dueling":  # Q needs each distribution's normaliser: the whole vocabulary
+        q_taken = q_values(z_critic.float(), z_rho.float(), beta, parametrisation, v.float()).gather(-1, idx)
+    else:  # elementwise in the logits: the taken tokens' are enough
+        q_taken = q_values(z_critic.gather(-1, idx), z_rho.gather(-1, idx), beta, parametrisation)
+    per_token = F.huber_loss(q_taken.squeeze(-1), targets.detach(), reduction="none", delta=delta)
     return masked_mean(per_token, mask)
 
 
@@ -47,8 +51,10 @@ def optimal_policy_logits(
     With `residual`, log rho + Q / beta = z_critic - logsumexp(z_rho), so pi_star = softmax(z_critic)
     exactly; we return z_critic itself, so an untrained critic gives pi_star == rho bit for bit
     (a rounded log_softmax of a log_softmax would leave ~1e-7 gradients that Adam amplifies).
+    With `dueling`, log rho + Q / beta = v / beta + log_softmax(z_critic): pi_star = softmax(z_critic)
+    as well, whatever the state value v.
     """
-    if parametrisation == "residual":
+    if parametrisation in ("residual", "dueling"):
         return z_critic
     return z_rho.log_softmax(-1) + q_values(z_critic, z_rho, beta, parametrisation) / beta
 

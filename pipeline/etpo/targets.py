@@ -13,26 +13,33 @@ from peft import PeftModel
 
 from pipeline.config import EtpoConfig
 from pipeline.etpo.bellman import q_targets, q_values, soft_value, token_stats
-from pipeline.models.logits import ActionBatch, action_logits, last_position_logits
-
-ADAPTER_FOR = {"pi": "policy", "rho": None, "target": "target"}
+from pipeline.etpo.train import critic_outputs
+from pipeline.models.logits import ActionBatch, action_logits
 
 
 @torch.no_grad()
 def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
     """V_1(s_{t+1}): the soft value of the next state's first decision."""
-    z = {k: last_position_logits(model, prompt_ids, a)[0, 0].float() for k, a in ADAPTER_FOR.items()}
-    q = q_values(z["target"], z["rho"], etpo.beta, etpo.parametrisation)
-    return soft_value(z["pi"].log_softmax(-1), z["rho"].log_softmax(-1), q, etpo.beta).item()
+    batch = ActionBatch.build([prompt_ids], [[0]], 0)  # a dummy next token; causal, so it is unseen
+    z_pi, z_rho = (
+        action_logits(model, batch, "policy")[0, 0].float(),
+        action_logits(model, batch, None)[0, 0].float(),
+    )
+    z_target, v = critic_outputs(model, batch, "target", etpo)
+    q = q_values(
+        z_target[0, 0].float(), z_rho, etpo.beta, etpo.parametrisation, None if v is None else v[0, 0].float()
+    )
+    return soft_value(z_pi.log_softmax(-1), z_rho.log_softmax(-1), q, etpo.beta).item()
 
 
 @torch.no_grad()
 def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | None, etpo: EtpoConfig) -> dict:
     """The per-token columns of docs/design.md §4 for one executed action."""
     batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
-    z = {k: action_logits(model, batch, a) for k, a in ADAPTER_FOR.items()}  # each (1, n, V)
+    z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)  # (1, n, V)
+    z_target, v_target = critic_outputs(model, batch, "target", etpo)
     stats = token_stats(
-        z["pi"], z["rho"], z["target"], batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk
+        z_pi, z_rho, z_target, batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk, v_target
     )
     boot = bootstrap_value(model, next_prompt_ids, etpo) if next_prompt_ids else 0.0
     y = q_targets(

@@ -17,9 +17,21 @@ from torch import Tensor
 from pipeline.config import EtpoConfig
 from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
 from pipeline.models.adapters import adapter_parameters
-from pipeline.models.logits import action_logits
+from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
 from pipeline.models.tokens import entropy, kl_to_reference, masked_mean
 from pipeline.models.update import Minibatch, Step
+
+
+def critic_outputs(
+    model: PeftModel, batch: ActionBatch, adapter: str, etpo: EtpoConfig
+) -> tuple[Tensor, Tensor | None]:
+    """A critic's logits (B, T, V) and, for the dueling parametrisation, its state values (B, T)
+    from the value head of that adapter (`value_head` for the critic, `target_value_head`)."""
+    if etpo.parametrisation != "dueling":
+        return action_logits(model, batch, adapter), None
+    z, hidden = action_logits_and_hidden(model, batch, adapter)
+    head = model.value_head if adapter == "critic" else model.target_value_head
+    return z, head(hidden).squeeze(-1)
 
 
 def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -> dict[str, Tensor]:
@@ -30,9 +42,9 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
         z_rho = action_logits(model, batch, None)  # (B, T, V)
 
     # peft's set_adapter (inside action_logits) makes exactly the active adapter trainable
-    z_critic = action_logits(model, batch, "critic")
+    z_critic, v = critic_outputs(model, batch, "critic", etpo)
     loss_q = critic_loss(
-        z_critic, z_rho, batch.taken, y, batch.mask, etpo.beta, etpo.huber_delta, etpo.parametrisation
+        z_critic, z_rho, batch.taken, y, batch.mask, etpo.beta, etpo.huber_delta, etpo.parametrisation, v
     )
     step("critic", loss_q)
 
@@ -40,7 +52,8 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     loss_pi = policy_loss(z_pi, z_rho, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
     step("policy", loss_pi)
 
-    polyak_update(adapter_parameters(model, "target"), adapter_parameters(model, "critic"), etpo.tau)
+    target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
+    polyak_update(target, adapter_parameters(model, "critic") + list(model.value_head.parameters()), etpo.tau)
     with torch.no_grad():
         logp_pi, logp_rho = z_pi.float().log_softmax(-1), z_rho.float().log_softmax(-1)
         return {

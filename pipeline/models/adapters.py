@@ -7,7 +7,8 @@ critic starts as an exact copy of the critic, A matrices included: Polyak averag
 and B separately, so with independent random A's the target's product would mix in noise.
 
 `model.value_head` (hidden -> 1, zero at first) reads a state value from the critic adapter's last
-hidden state: the PPO baseline's value function. ETPO does not use it.
+hidden state: the PPO baseline's value function, and the state value V_psi of ETPO's dueling
+critic, whose target network reads `model.target_value_head` on the target adapter's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.config import Config, LoraConfig
 from pipeline.models.base import load_base
 
 ADAPTERS = ("policy", "critic", "target")
-VALUE_HEAD = "value_head.safetensors"
+VALUE_HEADS = {"value_head": "value_head.safetensors", "target_value_head": "target_value_head.safetensors"}
 
 
 def lora_config(config: LoraConfig) -> PeftLoraConfig:
@@ -65,26 +66,27 @@ def attach_adapters(base: PreTrainedModel, config: LoraConfig) -> PeftModel:
         for t, c in zip(target, critic, strict=True):
             t.copy_(c)
     model.set_adapter("policy")
-    return _with_value_head(model)
+    return _with_value_heads(model, {})
 
 
-def _with_value_head(model: PeftModel, state: dict[str, torch.Tensor] | None = None) -> PeftModel:
-    head = torch.nn.Linear(model.config.hidden_size, 1)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    if state is not None:
-        head.load_state_dict(state)
-    model.value_head = head.to(next(model.parameters()).device)
+def _with_value_heads(model: PeftModel, states: dict[str, dict[str, torch.Tensor]]) -> PeftModel:
+    """The critic's and the target's value heads: zero (V = 0) unless a saved state is given."""
+    for name in VALUE_HEADS:
+        head = torch.nn.Linear(model.config.hidden_size, 1)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        if name in states:
+            head.load_state_dict(states[name])
+        setattr(model, name, head.to(next(model.parameters()).device))
     return model
 
 
 def save_adapters(model: PeftModel, out: str | Path) -> None:
     """Each adapter in its own folder under `out` (peft layout: out/<name>/adapter_*.safetensors)."""
     model.save_pretrained(str(out), selected_adapters=list(ADAPTERS))
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
-        Path(out) / VALUE_HEAD,
-    )
+    for name, file in VALUE_HEADS.items():
+        state = getattr(model, name).state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(out) / file)
 
 
 def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool = False) -> PeftModel:
@@ -100,8 +102,8 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
     for name in ADAPTERS[1:]:
         model.load_adapter(directory / name, adapter_name=name, is_trainable=trainable)
     model.set_adapter("policy")
-    head = directory / VALUE_HEAD
-    return _with_value_head(model, load_file(head) if head.exists() else None)
+    saved = {name: directory / file for name, file in VALUE_HEADS.items()}
+    return _with_value_heads(model, {name: load_file(path) for name, path in saved.items() if path.exists()})
 
 
 def load_model(config: Config, base_dir: Path, adapters: Path | None, trainable: bool = False) -> tuple:

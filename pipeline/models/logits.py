@@ -68,15 +68,26 @@ def per_token(rows: list[dict], key: str, batch: ActionBatch) -> Tensor:
 
 def action_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
     """(B, T, V) logits predicting each completion token, with `adapter` active (None: reference)."""
-    L, T = batch.input_ids.shape[1], batch.taken.shape[1]
-    window = _forward(model, batch, adapter, logits_to_keep=T + 1).logits  # positions L-T-1 .. L-1
-    return _at(window, (batch.positions - (L - T - 1)).clamp(min=0))
+    window = _forward(model, batch, adapter, logits_to_keep=batch.taken.shape[1] + 1).logits
+    return _in_window(window, batch)
 
 
 def action_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> Tensor:
     """(B, T, H) last hidden states (after the final norm) where each completion token is chosen."""
     out = _forward(model, batch, adapter, output_hidden_states=True, logits_to_keep=1)
     return _at(out.hidden_states[-1], batch.positions)
+
+
+def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> tuple[Tensor, Tensor]:
+    """`action_logits` and `action_hidden` of one adapter from one forward pass."""
+    out = _forward(model, batch, adapter, output_hidden_states=True, logits_to_keep=batch.taken.shape[1] + 1)
+    return _in_window(out.logits, batch), _at(out.hidden_states[-1], batch.positions)
+
+
+def _in_window(window: Tensor, batch: ActionBatch) -> Tensor:
+    """Logits of the last T + 1 positions (L-T-1 .. L-1) at each completion token's position."""
+    L, T = batch.input_ids.shape[1], batch.taken.shape[1]
+    return _at(window, (batch.positions - (L - T - 1)).clamp(min=0))
 
 
 def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs: object):
@@ -95,9 +106,3 @@ def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs
 def _at(per_position: Tensor, index: Tensor) -> Tensor:
     """(B, P, D) gathered at (B, T) position indices -> (B, T, D)."""
     return per_position.gather(1, index.unsqueeze(-1).expand(-1, -1, per_position.shape[-1]))
-
-
-def last_position_logits(model: PeftModel, prompt_ids: list[int], adapter: str | None) -> Tensor:
-    """(1, 1, V) logits at the end of a prompt: the first decision of the next state."""
-    batch = ActionBatch.build([prompt_ids], [[0]], 0)  # a dummy next token; causal, so it is unseen
-    return action_logits(model, batch, adapter)
