@@ -49,6 +49,11 @@ def compute_targets(
     return best_of_n_targets(model, rows, advance)
 
 
+def replayed_iterations(config: Config) -> int:
+    """How many iterations' actions targets@k and train@k use: M for ETPO (off-policy), else 1."""
+    return config.etpo.replay_iterations if config.algo == "etpo" else 1
+
+
 def update_for(config: Config) -> Update | None:
     """The per-minibatch update of `config.algo` (None: best_of_n trains nothing)."""
     return {

@@ -194,6 +194,7 @@ def ceiling(
 def init(
     adapters: Annotated[Path, typer.Option(help="Where the fresh adapters go.")],
     executed: Annotated[Path, typer.Option(help="The (empty) executed trajectories of iteration 000.")],
+    targets: Annotated[Path, typer.Option(help="The (empty) targets of iteration 000.")],
     metrics: Annotated[Path, typer.Option(help="The (empty) evaluate folder of iteration 000.")],
     base: WarmBaseOption,
     params: ParamsOption = Path("params.yaml"),
@@ -201,23 +202,25 @@ def init(
     """Iteration 000: fresh adapters, no open episodes, no metrics."""
     from pipeline.stages import init as stage
 
-    stage.run(load_config(params), base, adapters, executed, metrics)
+    stage.run(load_config(params), base, adapters, executed, targets, metrics)
     typer.echo(f"init: fresh adapters -> {adapters}")
 
 
 @app.command()
 @friendly
 def targets(
+    iteration: Annotated[int, typer.Option(min=1, help="The iteration k.")],
     executed: Annotated[Path, typer.Argument(help="Executed trajectories of iteration k.")],
     out: Annotated[Path, typer.Option(help="The trajectories-with-targets file to write.")],
     base: WarmBaseOption,
     adapters: PrevAdaptersOption = None,
+    previous: Annotated[Optional[Path], typer.Option(help="Targets of k-1 (replayed by ETPO).")] = None,  # noqa: UP045
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Per-token soft Bellman targets and diagnostics (docs/design.md §1, §4)."""
     from pipeline.stages import targets as stage
 
-    rows = stage.run(load_config(params), executed, base, out, adapters)
+    rows = stage.run(load_config(params), iteration, executed, base, out, adapters, previous)
     typer.echo(f"targets: {sum(len(r['completion_ids']) for r in rows)} tokens -> {out}")
 
 

@@ -141,6 +141,10 @@ class EtpoConfig:
     """Polyak rate of the target critic, applied after every optimiser step."""
     chunk: int = field(metadata=_range(1, 1 << 20))
     """Positions reduced at once over the vocabulary (memory: chunk x vocab per tensor)."""
+    replay_iterations: int = field(metadata=_range(1, 1000))
+    """Train on the actions of the last M iterations, their targets recomputed under the current
+    networks (1: this iteration's only). More updates per environment step, as soft Q-learning
+    allows; the train stage's time grows with M."""
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,14 @@ def targets_file(params, tasks_dir, tiny_base, tmp_path):
     it0 = tmp_path / "000"
     invoke(
         "init", "--base", tiny_base, "--adapters", it0 / "adapters",
-        "--executed", it0 / "executed.parquet", "--metrics", it0 / "metrics", "--params", params,
+        "--executed", it0 / "executed.parquet", "--targets", it0 / "targets.parquet",
+        "--metrics", it0 / "metrics", "--params", params,
     )  # fmt: skip
     invoke("sample", "--iteration", 1, "--base", tiny_base, "--out", tmp_path / "s.parquet", *common)
     invoke("execute", tmp_path / "s.parquet", "--out", tmp_path / "e.parquet", *common)
     invoke(
-        "targets", tmp_path / "e.parquet", "--base", tiny_base, "--adapters", tmp_path / "000" / "adapters",
-        "--out", tmp_path / "t.parquet", "--params", params,
+        "targets", "--iteration", 1, tmp_path / "e.parquet", "--base", tiny_base,
+        "--adapters", tmp_path / "000" / "adapters", "--out", tmp_path / "t.parquet", "--params", params,
     )  # fmt: skip
     return tmp_path / "t.parquet"
 

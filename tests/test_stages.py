@@ -74,3 +74,54 @@ def test_real_smollm2_bootstraps_and_writes_a_body(tmp_path):
     (completion,) = sample(model, tokenizer, [prompt], defaults("sampling", max_new_tokens=48), seed=0)
     assert 1 <= len(completion.completion_ids) <= 48
     assert tokenizer.decode(completion.completion_ids, skip_special_tokens=True).startswith(completion.body)
+
+
+def test_etpo_replays_the_last_iterations_with_recomputed_targets(params, tasks_dir, tiny_base, tmp_path):
+    """replay_iterations M: targets@k holds iterations k-M+1..k, older targets recomputed now."""
+    from pipeline.io import read_trajectories, write_trajectories
+
+    set_params(params, {"tasks.names": ["iris", "balance-scale"], "etpo.replay_iterations": 2})
+    it0 = tmp_path / "000"
+    invoke(
+        "init", "--base", tiny_base, "--adapters", it0 / "adapters", "--executed", it0 / "e.parquet",
+        "--targets", it0 / "t.parquet", "--metrics", it0 / "metrics", "--params", params,
+    )  # fmt: skip
+    common = ["--base", tiny_base, "--adapters", it0 / "adapters", "--params", params]
+    invoke("sample", "--iteration", 1, "--out", tmp_path / "s1.parquet", "--tasks-dir", tasks_dir, *common)
+    invoke(
+        "execute",
+        tmp_path / "s1.parquet",
+        "--out",
+        tmp_path / "e1.parquet",
+        "--tasks-dir",
+        tasks_dir,
+        "--params",
+        params,
+    )
+    targets = ["targets", "--previous"]
+    invoke(
+        *targets,
+        it0 / "t.parquet",
+        "--iteration",
+        1,
+        tmp_path / "e1.parquet",
+        "--out",
+        tmp_path / "t1.parquet",
+        *common,
+    )
+    first = read_trajectories(tmp_path / "t1.parquet", "targets").to_pylist()
+    assert len(first) == 4 and {r["iteration"] for r in first} == {1}  # nothing before iteration 1
+
+    stale = [r | {"q_target": [9.0] * len(r["q_target"])} for r in first]  # must be recomputed
+    write_trajectories(tmp_path / "stale.parquet", stale, "targets", {})
+    executed = read_trajectories(tmp_path / "e1.parquet", "executed").to_pylist()
+    write_trajectories(tmp_path / "e2.parquet", [r | {"iteration": 2} for r in executed], "executed", {})
+    args = ["--iteration", 2, tmp_path / "e2.parquet", "--out", tmp_path / "t2.parquet", *common]
+    invoke(*targets, tmp_path / "stale.parquet", *args)
+    second = read_trajectories(tmp_path / "t2.parquet", "targets").to_pylist()
+    assert [r["iteration"] for r in second] == [1] * 4 + [2] * 4
+    assert [r["q_target"] for r in second[:4]] == [r["q_target"] for r in first]  # same networks
+
+    set_params(params, {"etpo.replay_iterations": 1})
+    invoke(*targets, tmp_path / "stale.parquet", *args)
+    assert {r["iteration"] for r in read_trajectories(tmp_path / "t2.parquet", "targets").to_pylist()} == {2}

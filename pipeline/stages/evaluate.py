@@ -152,6 +152,8 @@ def run(
     ceiling: Path | None = None,
 ) -> dict[str, float]:
     frame = pl.from_arrow(read_trajectories(targets, "targets"))
+    iteration = int(frame["iteration"].max()) if frame.height else 0
+    frame = frame.filter(pl.col("iteration") == iteration)  # not the actions ETPO replays
     previous = read_json(previous_dir / METRICS if previous_dir else None, {})
     metrics = reward_metrics(frame, previous.get("best", {}), previous.get("env_steps", 0.0))  # nested
     if ceiling:
@@ -163,7 +165,6 @@ def run(
     texts, hashes = held_out_corpus()
     metrics["perplexity/policy"] = perplexity(model, tokenizer, texts, "policy")
     metrics["perplexity/reference"] = perplexity(model, tokenizer, texts, None)
-    iteration = int(frame["iteration"][0]) if frame.height else 0
     history = read_json(previous_dir / HISTORY if previous_dir else None, []) + [
         history_row(iteration, metrics)
     ]

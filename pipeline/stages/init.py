@@ -1,6 +1,7 @@
 """init: iteration 000, so every iteration k >= 1 has the same inputs (adapters, episodes, metrics of k-1).
 
-Fresh adapters (LoRA B = 0: policy = reference, residual Q = 0), no open episodes, no metrics.
+Fresh adapters (LoRA B = 0: policy = reference, residual Q = 0), no open episodes, no actions to
+replay, no metrics.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pipeline.models.base import load_base
 from pipeline.provenance import artifact_metadata
 
 
-def run(config: Config, base_dir: Path, adapters: Path, executed: Path, metrics: Path) -> None:
+def run(config: Config, base_dir: Path, adapters: Path, executed: Path, targets: Path, metrics: Path) -> None:
     model, _ = load_base(base_dir, config.model.device)
     torch.manual_seed(config.seed)  # LoRA A matrices are random; make them reproducible
     model = attach_adapters(model, config.lora)
     with atomic_dir(adapters) as tmp:
         save_adapters(model, tmp)
     write_trajectories(executed, [], "executed", artifact_metadata(config, base_dir))
+    write_trajectories(targets, [], "targets", artifact_metadata(config, base_dir))  # nothing to replay
     write_json(metrics / METRICS, {})
