@@ -354,6 +354,7 @@ def credit(
     from pipeline.io import read_trajectories
 
     frame = pl.from_arrow(read_trajectories(file, "targets"))
+    frame = frame.sort("iteration", descending=True, maintain_order=True)  # k's own before replayed ones
     if task is not None:
         frame = frame.filter(pl.col("task") == task)
     if frame.is_empty():

@@ -181,5 +181,15 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
     assert got["bootstrap_value"] == pytest.approx(0.7, abs=1e-5)
     assert got["q_taken"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
     assert got["soft_value"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
+    with torch.no_grad():  # a head that reads the hidden state: Q(w_j) = V(prefix before w_j)
+        model.target_value_head.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.set_adapter("target")
+        full = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[-1][0]
+    n_prompt = len(row["prompt_ids"])
+    expected = model.target_value_head(full[n_prompt - 1 : -1]).squeeze(-1)  # positions predicting w_j
+    got = action_targets(model, row, None, etpo)
+    assert got["q_taken"] == pytest.approx(expected.tolist(), abs=1e-5)
     residual = action_targets(model, row, row["prompt_ids"], defaults("etpo", parametrisation="residual"))
     assert residual["bootstrap_value"] == pytest.approx(0.0, abs=1e-6)  # the head plays no part

@@ -29,8 +29,8 @@ def critic_outputs(
     from the value head of that adapter (`value_head` for the critic, `target_value_head`)."""
     if etpo.parametrisation != "dueling":
         return action_logits(model, batch, adapter), None
+    head = {"critic": model.value_head, "target": model.target_value_head}[adapter]
     z, hidden = action_logits_and_hidden(model, batch, adapter)
-    head = model.value_head if adapter == "critic" else model.target_value_head
     return z, head(hidden).squeeze(-1)
 
 

@@ -62,7 +62,7 @@ def make_optimisers(
         name: torch.optim.AdamW(p, lr=lr[name], weight_decay=train.weight_decay) for name, p in params.items()
     }
     if saved is not None and (saved / OPTIMISERS).exists():
-        state = torch.load(saved / OPTIMISERS, map_location=params["policy"][0].device, weights_only=True)
+        state = torch.load(saved / OPTIMISERS, map_location="cpu", weights_only=True)  # moved to the params
         for name, optimiser in optimisers.items():
             optimiser.load_state_dict(state[name])
             for group in optimiser.param_groups:
