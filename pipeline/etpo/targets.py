@@ -12,35 +12,32 @@ import torch
 from peft import PeftModel
 
 from pipeline.config import EtpoConfig
-from pipeline.etpo.bellman import q_targets, q_values, soft_value, token_stats
+from pipeline.etpo.bellman import TokenStats, q_targets, token_stats
 from pipeline.etpo.train import critic_outputs
 from pipeline.models.logits import ActionBatch, action_logits
+
+
+def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats:
+    """Three forward passes (policy, reference, target critic) reduced to per-token scalars."""
+    z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)  # (1, n, V)
+    z_target, v_target = critic_outputs(model, batch, "target", etpo)
+    return token_stats(
+        z_pi, z_rho, z_target, batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk, v_target
+    )
 
 
 @torch.no_grad()
 def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
     """V_1(s_{t+1}): the soft value of the next state's first decision."""
     batch = ActionBatch.build([prompt_ids], [[0]], 0)  # a dummy next token; causal, so it is unseen
-    z_pi, z_rho = (
-        action_logits(model, batch, "policy")[0, 0].float(),
-        action_logits(model, batch, None)[0, 0].float(),
-    )
-    z_target, v = critic_outputs(model, batch, "target", etpo)
-    q = q_values(
-        z_target[0, 0].float(), z_rho, etpo.beta, etpo.parametrisation, None if v is None else v[0, 0].float()
-    )
-    return soft_value(z_pi.log_softmax(-1), z_rho.log_softmax(-1), q, etpo.beta).item()
+    return _stats(model, batch, etpo).soft_value[0, 0].item()
 
 
 @torch.no_grad()
 def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | None, etpo: EtpoConfig) -> dict:
     """The per-token columns of docs/design.md §4 for one executed action."""
     batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
-    z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)  # (1, n, V)
-    z_target, v_target = critic_outputs(model, batch, "target", etpo)
-    stats = token_stats(
-        z_pi, z_rho, z_target, batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk, v_target
-    )
+    stats = _stats(model, batch, etpo)
     boot = bootstrap_value(model, next_prompt_ids, etpo) if next_prompt_ids else 0.0
     y = q_targets(
         stats.soft_value,

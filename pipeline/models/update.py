@@ -91,8 +91,8 @@ def train_adapters(
     Under a multi-process launch each process takes its shard of every minibatch; the updates are
     those of one process on the whole minibatch (`pipeline.parallel`).
     """
-    params = optimised_parameters(model)
     optimisers = optimisers or make_optimisers(model, train)
+    params = {name: o.param_groups[0]["params"] for name, o in optimisers.items()}
     device = params["policy"][0].device
     parallel = parallel or DataParallel(device)
     order = random.Random(seed)
