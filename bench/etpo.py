@@ -116,13 +116,11 @@ def update_bench(model_dir: str) -> None:
     tokens = 4 * 160
     train = replace(DEFAULTS.train, epochs=1, minibatch_size=4)
     update = partial(etpo_update, etpo=DEFAULTS.etpo)
-    etpo_s = timed(
-        lambda: train_adapters(peft_model, rows, tokenizer.pad_token_id, update, train, 0), repeat=2
-    )
+    etpo_s = timed(lambda: train_adapters(peft_model, rows, update, train, 0), repeat=2)
 
     peft_model.set_adapter("policy")
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], 0)
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     labels = batch.input_ids.clone()
     labels[batch.attention_mask == 0] = -100
 

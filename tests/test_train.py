@@ -1,17 +1,20 @@
 """The train stage's update on the tiny preset."""
 
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.algorithms import update_for
-from pipeline.etpo.targets import action_targets
+from pipeline.baselines.targets import state_stats
+from pipeline.etpo.targets import state_targets
 from pipeline.etpo.train import etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
-from pipeline.models.logits import ActionBatch, action_logits
+from pipeline.models.logits import ActionBatch, action_hidden, action_logits, action_logits_and_hidden
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from tests.conftest import DEFAULTS, defaults
 
@@ -44,7 +47,7 @@ def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param):
     before = policy_logits(model, tokenizer)
     train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
     update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param))
-    train_adapters(model, rows_for(tokenizer, [1.0, -1.0]), tokenizer.pad_token_id, update, train, seed=0)
+    train_adapters(model, rows_for(tokenizer, [1.0, -1.0]), update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
 
@@ -59,7 +62,6 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
     steps = train_adapters(
         model,
         rows_for(tokenizer, [1.0, -1.0]),
-        tokenizer.pad_token_id,
         partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param)),
         train,
         seed=0,
@@ -79,7 +81,7 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
 
 
 def body_logprob(model, tokenizer, row):
-    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
+    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]])
     with torch.no_grad():
         logp = action_logits(model, batch, "policy").log_softmax(-1)
     return logp.gather(-1, batch.taken.unsqueeze(-1)).sum().item()
@@ -97,7 +99,7 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
         row["advantage"] = [sign] * n
         row["q_target"] = [2.0 * sign] * n  # PPO's returns: the value head should move toward them
     for row in rows:
-        batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
+        batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]])
         with torch.no_grad():
             logp = action_logits(model, batch, "policy").log_softmax(-1)
         row["behaviour_logprobs"] = logp.gather(-1, batch.taken.unsqueeze(-1))[0, :, 0].tolist()
@@ -105,7 +107,7 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
     logged = []
     train = defaults("train", epochs=4, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-3)
     update = update_for(replace(DEFAULTS, algo=algo))
-    steps = train_adapters(model, rows, tokenizer.pad_token_id, update, train, seed=0, log=logged.append)
+    steps = train_adapters(model, rows, update, train, seed=0, log=logged.append)
     after = [body_logprob(model, tokenizer, r) for r in rows]
     # the bodies share their first (indent) token, so compare how much each one gained
     assert steps == 4 and after[0] - before[0] > 1.0 + (after[1] - before[1])
@@ -115,23 +117,60 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
         assert logged[-1]["train/value_loss"] < logged[0]["train/value_loss"]
 
 
-def test_action_logits_are_each_sequence_own_logits(tiny_base):
-    """Left padding, position ids and the logits window give what each sequence alone gives."""
+def alone(model, prompt, completion, adapter):
+    """The plain computation: one sequence, one forward pass, nothing shared or padded."""
+    model.set_adapter("policy" if adapter is None else adapter)
+    with model.disable_adapter() if adapter is None else nullcontext():
+        out = model(input_ids=torch.tensor([prompt + completion]), output_hidden_states=True)
+    where = slice(len(prompt) - 1, len(prompt) + len(completion) - 1)  # positions predicting the completion
+    return out.logits[0, where], out.hidden_states[-1][0, where]
+
+
+@pytest.mark.parametrize("adapter", ["policy", "critic", None])
+def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, adapter):
+    """Grouped by prompt, a prompt's cache repeated over its samples: the logits, hidden states and
+    the gradients of a loss on them equal those of each sequence computed alone."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
-    prompts, completions = [[11, 12, 13, 14, 15, 16], [21, 22]], [[31, 32], [41, 42, 43, 44, 45]]
-    batch = ActionBatch.build(prompts, completions, tokenizer.pad_token_id)
-    for adapter in ("policy", None):
-        got = action_logits(model, batch, adapter)
-        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            alone = ActionBatch.build([p], [c], tokenizer.pad_token_id)  # no padding at all
-            with torch.no_grad():
-                model.set_adapter("policy")
-                ctx = model.disable_adapter() if adapter is None else torch.no_grad()
-                with ctx:
-                    full = model(input_ids=alone.input_ids).logits[0, len(p) - 1 : len(p) + len(c) - 1]
-            assert torch.allclose(got[b, : len(c)], full, atol=1e-5), (adapter, b)
+    with torch.no_grad():  # B = 0 at initialisation: give the adapters something to differentiate
+        for p in adapter_parameters(model, "policy") + adapter_parameters(model, "critic"):
+            p.normal_(0.0, 0.05)
+    shared, other = [11, 12, 13, 14, 15, 16], [21, 22]
+    prompts = [shared, other, shared, shared]
+    completions = [[31, 32], [41, 42, 43, 44, 45], [51], [61, 62, 63]]
+    batch = ActionBatch.build(prompts, completions)
+    assert len(batch.groups) == 2  # the shared prompt goes through the model once
+    generator = torch.Generator().manual_seed(1)
+    weights, readout = torch.randn(batch.mask.shape, generator=generator), torch.randn(8, generator=generator)
+
+    def loss_and_grads(logits, hidden):
+        """A loss shaped like the algorithms': log-probs of the taken tokens and a value readout."""
+        logp = logits.log_softmax(-1).gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
+        loss = ((logp + hidden[..., :8] @ readout) * weights * batch.mask).sum()
+        return loss, torch.autograd.grad(loss, adapter_parameters(model, adapter))
+
+    if adapter is None:
+        logits, hidden = action_logits(model, batch, None), None  # rho: logits only, no gradients
+    else:
+        logits, hidden = action_logits_and_hidden(model, batch, adapter)
+        assert torch.allclose(action_hidden(model, batch, adapter), hidden)
+    per_sequence = [alone(model, p, c, adapter) for p, c in zip(prompts, completions, strict=True)]
+    for b, (z, h) in enumerate(per_sequence):
+        n = len(completions[b])
+        assert torch.allclose(logits[b, :n], z, atol=1e-5), b
+        if hidden is not None:
+            assert torch.allclose(hidden[b, :n], h, atol=1e-5), b
+    if adapter is None:
+        return
+    T = batch.taken.shape[1]
+    padded = [
+        (F.pad(z, (0, 0, 0, T - z.shape[0])), F.pad(h, (0, 0, 0, T - h.shape[0]))) for z, h in per_sequence
+    ]
+    want_loss, want = loss_and_grads(torch.stack([z for z, _ in padded]), torch.stack([h for _, h in padded]))
+    got_loss, got = loss_and_grads(*action_logits_and_hidden(model, batch, adapter))
+    assert torch.allclose(got_loss, want_loss, atol=1e-5)
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True))
 
 
 def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_path):
@@ -147,17 +186,17 @@ def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_pat
         return attach_adapters(load_base(tiny_base)[0], defaults("lora", rank=4))
 
     continuous = fresh()
-    train_adapters(continuous, rows, tokenizer.pad_token_id, update, replace(one_epoch, epochs=2), seed=0)
+    train_adapters(continuous, rows, update, replace(one_epoch, epochs=2), seed=0)
     first = fresh()
     optimisers = make_optimisers(first, one_epoch)
-    train_adapters(first, rows, tokenizer.pad_token_id, update, one_epoch, seed=0, optimisers=optimisers)
+    train_adapters(first, rows, update, one_epoch, seed=0, optimisers=optimisers)
     save_adapters(first, tmp_path)
     save_optimisers(optimisers, tmp_path)
     results = {}
     for carried in (True, False):
         second = load_adapters(load_base(tiny_base)[0], tmp_path, trainable=True)
         state = make_optimisers(second, one_epoch, tmp_path if carried else None)
-        train_adapters(second, rows, tokenizer.pad_token_id, update, one_epoch, seed=0, optimisers=state)
+        train_adapters(second, rows, update, one_epoch, seed=0, optimisers=state)
         results[carried] = second
     for name in ("policy", "critic", "target"):
         want = adapter_parameters(continuous, name)
@@ -177,19 +216,52 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
         model.target_value_head.bias.fill_(0.7)
     row = rows_for(tokenizer, [1.0, -1.0])[0] | {"reward": -1.0, "done": False}
     etpo = defaults("etpo", parametrisation="dueling")
-    got = action_targets(model, row, row["prompt_ids"], etpo)
+    got = state_targets(model, [row], [row["prompt_ids"]], etpo)[0]
     assert got["bootstrap_value"] == pytest.approx(0.7, abs=1e-5)
     assert got["q_taken"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
     assert got["soft_value"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
     with torch.no_grad():  # a head that reads the hidden state: Q(w_j) = V(prefix before w_j)
         model.target_value_head.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
-    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], tokenizer.pad_token_id)
     with torch.no_grad():
         model.set_adapter("target")
-        full = model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[-1][0]
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
     n_prompt = len(row["prompt_ids"])
     expected = model.target_value_head(full[n_prompt - 1 : -1]).squeeze(-1)  # positions predicting w_j
-    got = action_targets(model, row, None, etpo)
+    got = state_targets(model, [row], [None], etpo)[0]
     assert got["q_taken"] == pytest.approx(expected.tolist(), abs=1e-5)
-    residual = action_targets(model, row, row["prompt_ids"], defaults("etpo", parametrisation="residual"))
+    residual = state_targets(model, [row], [row["prompt_ids"]], defaults("etpo", parametrisation="residual"))[
+        0
+    ]
     assert residual["bootstrap_value"] == pytest.approx(0.0, abs=1e-6)  # the head plays no part
+
+
+def test_a_state_targets_and_stats_equal_each_action_alone(tiny_base):
+    """One state's actions through each network together (one prompt pass) give the targets and
+    baseline statistics each action gets alone."""
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, defaults("lora", rank=4))
+    with torch.no_grad():
+        for name in ("policy", "target", "critic"):
+            for p in adapter_parameters(model, name):
+                p.normal_(0.0, 0.05)
+        model.target_value_head.weight.normal_(0.0, 0.1)
+        model.value_head.weight.normal_(0.0, 0.1)
+    prompt = tokenizer("def build_model(x, y):\n", add_special_tokens=False)["input_ids"]
+    bodies = ["    model = 1\n", "    return model\n", "    x = y\n    return x\n"]
+    rows = [
+        {"prompt_ids": prompt, "completion_ids": tokenizer(b, add_special_tokens=False)["input_ids"]}
+        | {"reward": r, "done": r > 0}
+        for b, r in zip(bodies, [1.0, -1.0, -0.5], strict=True)
+    ]
+    following = [None, prompt + [11, 12], [13]]
+    etpo = defaults("etpo", parametrisation="dueling", lam=0.5)
+    together = state_targets(model, rows, following, etpo)
+    stats = state_stats(model, rows, values=True)
+    for b, row in enumerate(rows):
+        alone_targets = state_targets(model, [row], [following[b]], etpo)[0]
+        for name, value in alone_targets.items():
+            assert together[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)
+        for name, value in state_stats(model, [row], values=True)[0].items():
+            assert stats[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)

@@ -18,25 +18,30 @@ from torch import Tensor
 
 from pipeline.baselines.advantages import gae, group_advantages, kl_penalised_rewards, whiten
 from pipeline.config import GrpoConfig, PpoConfig
-from pipeline.models.logits import ActionBatch, action_hidden, action_logits, per_token
+from pipeline.models.logits import ActionBatch, action_hidden, action_logits, fill_by_state, per_token
 from pipeline.models.tokens import entropy, kl_to_reference
 
 
 @torch.no_grad()
-def action_stats(model: PeftModel, row: dict, values: bool) -> dict[str, list[float]]:
-    """KL to rho, entropy and log(pi / rho) of the taken tokens; V_old from the value head if asked."""
-    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
-    logp_pi = action_logits(model, batch, "policy").float().log_softmax(-1)  # (1, n, V)
+def state_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[str, list[float]]]:
+    """KL to rho, entropy and log(pi / rho) of the taken tokens, and V_old from the value head if
+    asked, for actions of one state (one prompt, once through each network: `ActionBatch`)."""
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+    logp_pi = action_logits(model, batch, "policy").float().log_softmax(-1)  # (B, T, V)
     logp_rho = action_logits(model, batch, None).float().log_softmax(-1)
     taken = batch.taken.unsqueeze(-1)
     logratio = (logp_pi.gather(-1, taken) - logp_rho.gather(-1, taken))[..., 0]
     v_old = model.value_head(action_hidden(model, batch, "critic")).squeeze(-1) if values else 0 * logratio
-    return {
-        "kl_ref": kl_to_reference(logp_pi, logp_rho)[0].tolist(),
-        "entropy": entropy(logp_pi)[0].tolist(),
-        "logratio": logratio[0].tolist(),
-        "value": v_old[0].float().tolist(),
+    columns = {
+        "kl_ref": kl_to_reference(logp_pi, logp_rho),
+        "entropy": entropy(logp_pi),
+        "logratio": logratio,
+        "value": v_old.float(),
     }
+    return [
+        {name: t[b, :n].tolist() for name, t in columns.items()}
+        for b, n in enumerate(len(r["completion_ids"]) for r in rows)
+    ]
 
 
 def ppo_targets(
@@ -70,14 +75,12 @@ def best_of_n_targets(model: PeftModel, rows: list[dict], advance: Callable[[], 
 
 
 def _with_stats(model: PeftModel, rows: list[dict], values: bool, advance: Callable[[], None]) -> None:
-    for row in rows:
-        row.update(action_stats(model, row, values))
-        advance()
+    fill_by_state(rows, lambda group: state_stats(model, [rows[i] for i in group], values), advance)
 
 
 def _layout(rows: list[dict]) -> ActionBatch:
     """The (B, T) layout of the iteration's completions (the advantages span actions)."""
-    return ActionBatch.build([[0]] * len(rows), [r["completion_ids"] for r in rows], 0)
+    return ActionBatch.build([[0]] * len(rows), [r["completion_ids"] for r in rows])
 
 
 def _filled(rows: list[dict], advantage: Tensor, **columns: Tensor) -> list[dict]:

@@ -1,7 +1,7 @@
 """ETPO's per-token soft Bellman targets and diagnostics for executed actions (docs/design.md §1, §4).
 
-One action at a time: three forward passes (policy, reference, target critic), reduced to
-per-token scalars in chunks of positions; only those scalars reach the disk.
+One state at a time: three forward passes (policy, reference, target critic) over its prompt and
+its samples, reduced to per-token scalars in chunks of positions; only those scalars reach the disk.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from peft import PeftModel
 from pipeline.config import EtpoConfig
 from pipeline.etpo.bellman import TokenStats, q_targets, token_stats
 from pipeline.etpo.train import critic_outputs
-from pipeline.models.logits import ActionBatch, action_logits
+from pipeline.models.logits import ActionBatch, action_logits, fill_by_state
 
 
 def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats:
@@ -29,36 +29,43 @@ def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats
 @torch.no_grad()
 def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
     """V_1(s_{t+1}): the soft value of the next state's first decision."""
-    batch = ActionBatch.build([prompt_ids], [[0]], 0)  # a dummy next token; causal, so it is unseen
+    batch = ActionBatch.build([prompt_ids], [[0]])  # a dummy next token; causal, so it is unseen
     return _stats(model, batch, etpo).soft_value[0, 0].item()
 
 
 @torch.no_grad()
-def action_targets(model: PeftModel, row: dict, next_prompt_ids: list[int] | None, etpo: EtpoConfig) -> dict:
-    """The per-token columns of docs/design.md §4 for one executed action."""
-    batch = ActionBatch.build([row["prompt_ids"]], [row["completion_ids"]], 0)
+def state_targets(
+    model: PeftModel, rows: list[dict], next_prompt_ids: list[list[int] | None], etpo: EtpoConfig
+) -> list[dict]:
+    """The per-token columns of docs/design.md §4 for executed actions of one state (one prompt,
+    which goes through each network once: `ActionBatch`); `next_prompt_ids`: None where done."""
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     stats = _stats(model, batch, etpo)
-    boot = bootstrap_value(model, next_prompt_ids, etpo) if next_prompt_ids else 0.0
+    boot = [bootstrap_value(model, ids, etpo) if ids else 0.0 for ids in next_prompt_ids]
+    lengths = [len(r["completion_ids"]) for r in rows]
     y = q_targets(
         stats.soft_value,
         stats.logratio_taken,
-        torch.tensor([len(row["completion_ids"])]),
-        torch.tensor([row["reward"]]),
-        torch.tensor([row["done"]]),
-        torch.tensor([boot]),
+        torch.tensor(lengths),
+        torch.tensor([r["reward"] for r in rows]),
+        torch.tensor([r["done"] for r in rows]),
+        torch.tensor(boot),
         etpo.gamma,
         etpo.beta,
         etpo.lam,
     )
-    return {
-        "q_target": y[0].tolist(),
-        "q_taken": stats.q_taken[0].tolist(),
-        "soft_value": stats.soft_value[0].tolist(),
-        "kl_ref": stats.kl_ref[0].tolist(),
-        "entropy": stats.entropy[0].tolist(),
-        "advantage": (stats.q_taken - stats.soft_value)[0].tolist(),  # soft advantage of the taken token
-        "bootstrap_value": boot,
+    columns = {
+        "q_target": y,
+        "q_taken": stats.q_taken,
+        "soft_value": stats.soft_value,
+        "kl_ref": stats.kl_ref,
+        "entropy": stats.entropy,
+        "advantage": stats.q_taken - stats.soft_value,  # soft advantage of the taken token
     }
+    return [
+        {name: t[b, :n].tolist() for name, t in columns.items()} | {"bootstrap_value": boot[b]}
+        for b, n in enumerate(lengths)
+    ]
 
 
 def etpo_targets(
@@ -69,7 +76,8 @@ def etpo_targets(
     advance: Callable[[], None],
 ) -> list[dict]:
     """`rows` (executed actions) with ETPO's targets columns; `next_prompt_ids`: None where done."""
-    for row, next_ids in zip(rows, next_prompt_ids, strict=True):
-        row.update(action_targets(model, row, next_ids, etpo))
-        advance()
-    return rows
+
+    def columns(group: list[int]) -> list[dict]:
+        return state_targets(model, [rows[i] for i in group], [next_prompt_ids[i] for i in group], etpo)
+
+    return fill_by_state(rows, columns, advance)

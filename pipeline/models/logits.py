@@ -2,14 +2,22 @@
 
 All four are the same base with a different LoRA adapter active (or none, for the reference),
 so one helper switches adapters and slices the positions that predict the completion.
+
+Actions are grouped by prompt (the samples of one state share it): each distinct prompt goes
+through the model once, and its samples continue from that prefix's key/value cache, repeated over
+them with gradients flowing back through it (docs/design.md §6). Nothing is padded across prompts:
+a prompt is one row, its completions are right-padded among themselves only, so causal attention
+alone keeps every valid position from seeing padding and no attention mask is needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
@@ -17,45 +25,60 @@ from pipeline.models.adapters import reference
 
 
 @dataclass(frozen=True)
+class PromptGroup:
+    """One distinct prompt and the completions (actions) that continue it."""
+
+    prompt: Tensor  # (1, P)
+    completions: Tensor  # (n, T_g) right-padded with 0; only the first T_g - 1 tokens are inputs
+    rows: list[int]  # each completion's row in the ActionBatch
+
+
+@dataclass(frozen=True)
 class ActionBatch:
-    """Left-padded prompt + completion sequences: every completion ends at the last position.
+    """Prompt + completion sequences, grouped by prompt; outputs are (B, T) laid out by row."""
 
-    So the logits of the last T + 1 positions cover every completion token of the batch, and the
-    LM head (a 49k-vocabulary matmul) runs on those only, never on the prompts.
-    """
-
-    input_ids: Tensor  # (B, L)
-    attention_mask: Tensor  # (B, L)
-    positions: Tensor  # (B, T) index in L of the position that predicts completion token j (0 past it)
+    groups: list[PromptGroup]
     taken: Tensor  # (B, T) completion token ids, 0 past the end
     mask: Tensor  # (B, T) 1 on valid completion tokens
 
     @classmethod
-    def build(cls, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> ActionBatch:
-        B = len(prompts)
-        L = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-        T = max(len(c) for c in completions)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attention = torch.zeros((B, L), dtype=torch.long)
-        positions = torch.zeros((B, T), dtype=torch.long)
+    def build(cls, prompts: list[list[int]], completions: list[list[int]]) -> ActionBatch:
+        B, T = len(prompts), max(len(c) for c in completions)
         taken = torch.zeros((B, T), dtype=torch.long)
         mask = torch.zeros((B, T))
-        for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            seq = p + c
-            input_ids[b, L - len(seq) :] = torch.tensor(seq)
-            attention[b, L - len(seq) :] = 1
-            positions[b, : len(c)] = torch.arange(L - len(c) - 1, L - 1)
+        for b, c in enumerate(completions):
             taken[b, : len(c)] = torch.tensor(c)
             mask[b, : len(c)] = 1.0
-        return cls(input_ids, attention, positions, taken, mask)
+        groups = [
+            PromptGroup(
+                torch.tensor([prompts[rows[0]]]), taken[rows, : max(len(completions[b]) for b in rows)], rows
+            )
+            for rows in prompt_groups(prompts)
+        ]
+        return cls(groups, taken, mask)
 
     def to(self, device: torch.device) -> ActionBatch:
-        return ActionBatch(
-            *(
-                t.to(device)
-                for t in (self.input_ids, self.attention_mask, self.positions, self.taken, self.mask)
-            )
-        )
+        groups = [PromptGroup(g.prompt.to(device), g.completions.to(device), g.rows) for g in self.groups]
+        return ActionBatch(groups, self.taken.to(device), self.mask.to(device))
+
+
+def prompt_groups(prompts: list[list[int]]) -> list[list[int]]:
+    """Indices of equal prompts (the samples of one state), groups in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    return list(groups.values())
+
+
+def fill_by_state(
+    rows: list[dict], columns: Callable[[list[int]], list[dict]], advance: Callable[[], None]
+) -> list[dict]:
+    """Update `rows` one state at a time with `columns(indices of that state's rows)`."""
+    for group in prompt_groups([r["prompt_ids"] for r in rows]):
+        for i, values in zip(group, columns(group), strict=True):
+            rows[i].update(values)
+            advance()
+    return rows
 
 
 def per_token(rows: list[dict], key: str, batch: ActionBatch) -> Tensor:
@@ -68,41 +91,48 @@ def per_token(rows: list[dict], key: str, batch: ActionBatch) -> Tensor:
 
 def action_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
     """(B, T, V) logits predicting each completion token, with `adapter` active (None: reference)."""
-    window = _forward(model, batch, adapter, logits_to_keep=batch.taken.shape[1] + 1).logits
-    return _in_window(window, batch)
+    return _forward(model, batch, adapter, hidden=False)[0]
 
 
 def action_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> Tensor:
     """(B, T, H) last hidden states (after the final norm) where each completion token is chosen."""
-    out = _forward(model, batch, adapter, output_hidden_states=True, logits_to_keep=1)
-    return _at(out.hidden_states[-1], batch.positions)
+    return _forward(model, batch, adapter, hidden=True)[1]
 
 
 def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str) -> tuple[Tensor, Tensor]:
     """`action_logits` and `action_hidden` of one adapter from one forward pass."""
-    out = _forward(model, batch, adapter, output_hidden_states=True, logits_to_keep=batch.taken.shape[1] + 1)
-    return _in_window(out.logits, batch), _at(out.hidden_states[-1], batch.positions)
+    return _forward(model, batch, adapter, hidden=True)
 
 
-def _in_window(window: Tensor, batch: ActionBatch) -> Tensor:
-    """Logits of the last T + 1 positions (L-T-1 .. L-1) at each completion token's position."""
-    L, T = batch.input_ids.shape[1], batch.taken.shape[1]
-    return _at(window, (batch.positions - (L - T - 1)).clamp(min=0))
-
-
-def _forward(model: PeftModel, batch: ActionBatch, adapter: str | None, **kwargs: object):
+def _forward(
+    model: PeftModel, batch: ActionBatch, adapter: str | None, hidden: bool
+) -> tuple[Tensor, Tensor]:
+    """(B, T, V) logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor)."""
     if adapter is not None:
         model.set_adapter(adapter)
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # count from each row's first token
+    T = batch.taken.shape[1]
+    logits, states, rows = [], [], []
     with reference(model) if adapter is None else nullcontext():
-        return model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids,
-            **kwargs,
-        )
+        for group in batch.groups:
+            z, h = _group_forward(model, group, hidden)
+            logits.append(F.pad(z, (0, 0, 0, T - z.shape[1])))
+            states.append(F.pad(h, (0, 0, 0, T - h.shape[1])) if hidden else h)
+            rows += group.rows
+    back = torch.argsort(torch.tensor(rows, device=batch.taken.device))  # group order -> row order
+    return torch.cat(logits)[back], torch.cat(states)[back] if hidden else torch.empty(0)
 
 
-def _at(per_position: Tensor, index: Tensor) -> Tensor:
-    """(B, P, D) gathered at (B, T) position indices -> (B, T, D)."""
-    return per_position.gather(1, index.unsqueeze(-1).expand(-1, -1, per_position.shape[-1]))
+def _group_forward(model: PeftModel, group: PromptGroup, hidden: bool) -> tuple[Tensor, Tensor]:
+    """One prompt's pass (its last position predicts every sample's first token), then the samples'
+    pass over their tokens 0 .. T_g - 2 from the prompt's cache repeated n times."""
+    n, T = group.completions.shape
+    out = model(input_ids=group.prompt, use_cache=T > 1, logits_to_keep=1, output_hidden_states=hidden)
+    z = out.logits.expand(n, -1, -1)  # (n, 1, V)
+    h = out.hidden_states[-1][:, -1:].expand(n, -1, -1) if hidden else torch.empty(0)
+    if T > 1:
+        cache = out.cache
+        cache.batch_repeat_interleave(n)  # an autograd op: gradients reach the prompt's pass
+        rest = model(input_ids=group.completions[:, :-1], cache=cache, output_hidden_states=hidden)
+        z = torch.cat([z, rest.logits], dim=1)
+        h = torch.cat([h, rest.hidden_states[-1]], dim=1) if hidden else h
+    return z, h

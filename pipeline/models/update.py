@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipeline.config import TrainConfig
 from pipeline.models.adapters import adapter_parameters
-from pipeline.models.logits import ActionBatch, per_token
+from pipeline.models.logits import ActionBatch, per_token, prompt_groups
 from pipeline.parallel import DataParallel
 
 
@@ -78,7 +78,6 @@ def save_optimisers(optimisers: dict[str, torch.optim.Optimizer], out: Path) -> 
 def train_adapters(
     model: PeftModel,
     rows: list[dict],
-    pad_id: int,
     update: Update,
     train: TrainConfig,
     seed: int,
@@ -87,6 +86,9 @@ def train_adapters(
     optimisers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> int:
     """`train.epochs` passes of `update` over shuffled minibatches of `rows`; returns optimiser steps.
+
+    The shuffle moves the samples of one state together (`by_state`), so that a minibatch holds
+    whole states and each distinct prompt goes through each model once (`ActionBatch`).
 
     Under a multi-process launch each process takes its shard of every minibatch; the updates are
     those of one process on the whole minibatch (`pipeline.parallel`).
@@ -99,12 +101,11 @@ def train_adapters(
     steps = 0
     model.train()
     for _ in range(train.epochs):
-        shuffled = order.sample(rows, len(rows))
+        shuffled = by_state(rows, order)
         for start in range(0, len(shuffled), train.minibatch_size):
             chunk, counts = parallel.shard(shuffled[start : start + train.minibatch_size])
-            batch = ActionBatch.build(
-                [r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk], pad_id
-            ).to(device)
+            batch = ActionBatch.build([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
+            batch = batch.to(device)
             share = parallel.share(batch.mask.sum(), counts)  # of the minibatch's tokens
             norms: dict[str, float] = {}
             step = _stepper(optimisers, params, parallel, share, train.grad_clip, norms)
@@ -116,6 +117,12 @@ def train_adapters(
                 log(metrics | norms)
     model.eval()
     return steps
+
+
+def by_state(rows: list[dict], order: random.Random) -> list[dict]:
+    """`rows` in a random order of their states, the samples of each state kept together."""
+    groups = prompt_groups([row["prompt_ids"] for row in rows])
+    return [rows[i] for group in order.sample(groups, len(groups)) for i in group]
 
 
 def _stepper(

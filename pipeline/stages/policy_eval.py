@@ -35,7 +35,7 @@ from pipeline.tasks.prompts import program, render, state_source
 @torch.no_grad()
 def kl_to_reference(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
     """Mean over the action's tokens of KL(pi || rho), over the whole vocabulary."""
-    batch = ActionBatch.build([prompt_ids], [completion_ids], 0)
+    batch = ActionBatch.build([prompt_ids], [completion_ids])
     log_pi = action_logits(model, batch, "policy").float().log_softmax(-1)
     log_rho = action_logits(model, batch, None).float().log_softmax(-1)
     return (log_pi.exp() * (log_pi - log_rho)).sum(-1).mean().item()

@@ -43,9 +43,7 @@ def run(
         if update is not None:
             optimisers = make_optimisers(model, config.train, adapters)  # continued from k-1's
             seed = stream_seed(config.seed, iteration, "train")
-            steps = train_adapters(
-                model, rows, tokenizer.pad_token_id, update, config.train, seed, log, parallel, optimisers
-            )
+            steps = train_adapters(model, rows, update, config.train, seed, log, parallel, optimisers)
         else:  # best_of_n samples from the same policy every iteration
             optimisers, steps = {}, 0
             if parallel.is_main:
