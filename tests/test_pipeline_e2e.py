@@ -211,6 +211,8 @@ def test_each_baseline_runs_two_iterations(repo_copy, algo, seed):
             assert (advantages == 0).all()
         metrics = json.loads((repo_copy / f"data/iterations/{k}/metrics/metrics.json").read_text())
         assert {"reward", "best", "perplexity"} <= set(metrics)
+        init = json.loads((repo_copy / "data/iterations/000/metrics/metrics.json").read_text())
+        assert metrics["perplexity"]["reference"] == init["perplexity"]["reference"] > 1  # measured once
     trained = repo_copy / "data/iterations/002/adapters/policy/adapter_model.safetensors"
     start = repo_copy / "data/iterations/000/adapters/policy/adapter_model.safetensors"
     assert (trained.read_bytes() == start.read_bytes()) == (algo == "best_of_n")

@@ -10,56 +10,24 @@ Also carried from iteration to iteration: the best body found so far per task (`
 and the per-iteration history (`history.json`, a DVC plot), drawn as `curves.png` (DVC's HTML
 plots load vega from a CDN that offline users cannot reach).
 
-Perplexity is measured on real held-out code that nobody here wrote: a fixed list of modules of
-the installed Python standard library, read at run time; their hashes go with the metric.
+Perplexity is measured on real held-out code (`pipeline.models.perplexity`); the reference's, which
+never changes within a run, is measured once by init and carried from iteration to iteration.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import sysconfig
 from pathlib import Path
 
 import polars as pl
-import torch
 from dvclive import Live
 
 from pipeline.config import Config
 from pipeline.io import METRICS, read_json, read_trajectories, write_atomic, write_json
-from pipeline.models.adapters import load_model, reference
+from pipeline.models.adapters import load_model
+from pipeline.models.perplexity import held_out_corpus, perplexity
 
 # the files of an evaluate folder besides DVCLive's METRICS; iteration k reads k-1's
 HISTORY, BEST_BODIES, CURVES = "history.json", "best_bodies.json", "curves.png"
-HELD_OUT_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "json/decoder.py")
-HELD_OUT_TOKENS = 512  # per module: enough for a stable estimate, cheap on a CPU
-
-
-def held_out_corpus() -> tuple[list[str], dict[str, str]]:
-    """The modules' texts and their sha256 (so a changed Python is visible in the metrics)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(root / m).read_text() for m in HELD_OUT_MODULES]
-    hashes = {
-        m: hashlib.sha256(t.encode()).hexdigest()[:16] for m, t in zip(HELD_OUT_MODULES, texts, strict=True)
-    }
-    return texts, hashes
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], adapter: str | None) -> float:
-    """exp(mean token NLL) over the first HELD_OUT_TOKENS tokens of each text."""
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:HELD_OUT_TOKENS]])
-        if adapter is None:
-            with reference(model):
-                loss = model(input_ids=ids, labels=ids).loss
-        else:
-            model.set_adapter(adapter)
-            loss = model(input_ids=ids, labels=ids).loss
-        nll += loss.item() * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
 
 
 def best_bodies(targets: pl.DataFrame, previous: dict[str, dict]) -> dict[str, dict]:
@@ -164,7 +132,8 @@ def run(
     model.eval()
     texts, hashes = held_out_corpus()
     metrics["perplexity/policy"] = perplexity(model, tokenizer, texts, "policy")
-    metrics["perplexity/reference"] = perplexity(model, tokenizer, texts, None)
+    reference = previous.get("perplexity", {}).get("reference")  # init's, carried along
+    metrics["perplexity/reference"] = reference or perplexity(model, tokenizer, texts, None)
     history = read_json(previous_dir / HISTORY if previous_dir else None, []) + [
         history_row(iteration, metrics)
     ]
