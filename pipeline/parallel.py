@@ -1,6 +1,6 @@
-"""Data parallelism for the update stages: each process takes a shard of every minibatch.
+"""Data parallelism: the update stages shard every minibatch, the sample stage its prompts.
 
-Launch any update stage as usual, or data-parallel with
+Launch the train or sample stage as usual, or data-parallel with
     accelerate launch --multi_gpu --num_processes 2 -m pipeline.cli train ...   (or torchrun)
 (on a CPU too: accelerate's `--cpu` flag starts a single process unless MPI is configured).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 
 class DataParallel:
@@ -47,6 +48,17 @@ class DataParallel:
         """
         mine = minibatch[self.accelerator.process_index :: self.world]
         return (mine, True) if mine else (minibatch[:1], False)
+
+    def span(self, n: int) -> tuple[int, int]:
+        """This process's contiguous share [lo, hi) of n items (the first processes take one more)."""
+        size, extra = divmod(n, self.world)
+        rank = self.accelerator.process_index
+        lo = rank * size + min(rank, extra)
+        return lo, lo + size + (rank < extra)
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in process order (the spans' order)."""
+        return gather_object(items) if self.world > 1 else items
 
     def share(self, local_tokens: torch.Tensor, counts: bool) -> torch.Tensor:
         """This shard's fraction of the minibatch's tokens: the weight of its local token mean."""

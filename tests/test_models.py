@@ -1,5 +1,7 @@
 """Base model, adapters and sampling on the tiny preset (the real SmolLM2 is the slow test)."""
 
+from dataclasses import replace
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -12,7 +14,7 @@ from pipeline.models.adapters import (
     save_adapters,
 )
 from pipeline.models.base import load_base
-from pipeline.models.generate import BodyStop, sample
+from pipeline.models.generate import BodyStop, GumbelSampler, sample
 from pipeline.tasks.prompts import completion_prompt, state_source
 from tests.conftest import defaults
 
@@ -96,6 +98,41 @@ def test_sampling_is_deterministic_for_a_seed(tiny_base):
         assert not c.truncated or len(c.completion_ids) == config.max_new_tokens
     # the prompt ids are the unpadded prompt, whatever the batch's padding
     assert first[1].prompt_ids == tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+
+
+def test_gumbel_sampler_draws_from_the_softmax():
+    """20,000 rows, one seed each, on the same scores: the drawn tokens' frequencies are the
+    softmax's (within 4 standard errors), and each recorded log-prob is that of the drawn token."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20_000
+    sampler = GumbelSampler(list(range(n)), torch.device("cpu"))
+    drawn = sampler(None, p.log().expand(n, -1)).argmax(-1)
+    frequency = torch.bincount(drawn, minlength=4) / n
+    assert ((frequency - p).abs() < 4 * (p * (1 - p) / n).sqrt()).all(), frequency
+    assert torch.allclose(sampler.logprobs[0], p.log()[drawn])
+
+
+def test_a_prompt_samples_the_same_in_any_batch_and_shard(tiny_base):
+    """Each prompt draws from its own stream: batch sizes 1 and 3, and the last two prompts
+    sampled alone as a shard (`first=1`), give the same completions."""
+    model, tokenizer = load_base(tiny_base)
+    prompts = [PROMPT, PROMPT + "    # a longer prompt to force left padding\n", PROMPT]
+    config = defaults("sampling", max_new_tokens=12)
+    together = sample(model, tokenizer, prompts, replace(config, batch_size=3), seed=5)
+    assert together == sample(model, tokenizer, prompts, replace(config, batch_size=1), seed=5)
+    assert together[1:] == sample(
+        model, tokenizer, prompts[1:], replace(config, batch_size=2), seed=5, first=1
+    )
+    assert together[0] != together[2]  # the same prompt, two streams
+
+
+def test_top_k_one_is_greedy(tiny_base):
+    model, tokenizer = load_base(tiny_base)
+    (c,) = sample(model, tokenizer, [PROMPT], defaults("sampling", top_k=1, max_new_tokens=6), seed=0)
+    ids = torch.tensor([c.prompt_ids + c.completion_ids])
+    with torch.no_grad():
+        greedy = model(ids).logits[0, len(c.prompt_ids) - 1 : -1].argmax(-1)
+    assert c.completion_ids == greedy.tolist() and c.behaviour_logprobs == [0.0] * len(c.completion_ids)
 
 
 def test_behaviour_logprobs_match_a_forward_pass(tiny_base):

@@ -1,4 +1,4 @@
-"""The train stage data-parallel: two processes give the adapters of one, up to float rounding."""
+"""The train and sample stages data-parallel: two processes give what one gives, up to float rounding."""
 
 import os
 import socket
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 from safetensors.torch import load_file
 
@@ -48,9 +49,8 @@ def train_command(targets, out, tiny_base, params, tmp_path):
     ]  # fmt: skip
 
 
-def test_two_processes_train_the_same_adapters_as_one(targets_file, tiny_base, params, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    invoke(*train_command(targets_file, one, tiny_base, params, tmp_path))
+def launch_two(command: list[str]) -> subprocess.CompletedProcess:
+    """`etpo COMMAND` data-parallel in two processes on this machine."""
     accelerate = Path(sys.executable).parent / "accelerate"
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
@@ -58,10 +58,28 @@ def test_two_processes_train_the_same_adapters_as_one(targets_file, tiny_base, p
     launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--main_process_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [*launch, "-m", "pipeline.cli", *train_command(targets_file, two, tiny_base, params, tmp_path)],
+    return subprocess.run(
+        [*launch, "-m", "pipeline.cli", *map(str, command)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+def test_two_processes_sample_the_trajectories_of_one(targets_file, tasks_dir, tiny_base, params, tmp_path):
+    """Each state draws from its own stream, so a split of the states over processes changes nothing."""
+    command = ["sample", "--iteration", 1, "--base", tiny_base, "--tasks-dir", tasks_dir, "--params", params]
+    result = launch_two([*command, "--out", tmp_path / "two.parquet"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = pl.read_parquet(tmp_path / "s.parquet"), pl.read_parquet(tmp_path / "two.parquet")
+    assert one.height == two.height == 6
+    assert one.drop("behaviour_logprobs").equals(two.drop("behaviour_logprobs"))
+    for a, b in zip(one["behaviour_logprobs"], two["behaviour_logprobs"], strict=True):
+        assert a.to_list() == pytest.approx(b.to_list(), abs=1e-4)  # other batches: float rounding
+
+
+def test_two_processes_train_the_same_adapters_as_one(targets_file, tiny_base, params, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    invoke(*train_command(targets_file, one, tiny_base, params, tmp_path))
+    result = launch_two(train_command(targets_file, two, tiny_base, params, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train@1: 4 steps" in result.stdout  # 2 epochs x (5 + 1 actions)
     assert (two / "policy").is_dir() and (tmp_path / "two-logs").is_dir()

@@ -1,8 +1,12 @@
 """Batched sampling with the KV cache and left padding, cut by the body stop rule.
 
-Uses `model.generate` (the KV cache, padding and sampling warpers are Hugging Face's) and records,
-per sampled token, its log-probability under the distribution it was drawn from (temperature,
-top-k and top-p applied): the behaviour log-probs of docs/design.md §4.
+Uses `model.generate` (the KV cache, padding and the warpers are Hugging Face's) and records, per
+sampled token, its log-probability under the distribution it was drawn from (temperature, top-k
+and top-p applied): the behaviour log-probs of docs/design.md §4.
+
+Each prompt draws from its own random stream (`GumbelSampler`), so what a prompt samples depends
+on its seed and its own logits, not on the batch it shares: any batch size, and any split of the
+prompts over processes, gives the same completions (up to float rounding of batched matmuls).
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from pipeline.config import Config, SamplingConfig
 from pipeline.models.adapters import load_adapters
@@ -66,40 +80,70 @@ class BodyStop(StoppingCriteria):
         return done
 
 
+class GumbelSampler(LogitsProcessor):
+    """Draws every row's next token from softmax(scores) with the row's own generator.
+
+    The Gumbel-max trick: argmax_w (log p(w) + G_w), G_w iid Gumbel(0, 1), is a draw from p. So
+    `generate` runs greedy on the perturbed scores returned here, and each row's draw uses only its
+    own random numbers. Records the log-probability of each drawn token under p.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.logprobs: list[torch.Tensor] = []  # per step, (B,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = scores.float().log_softmax(-1)
+        uniform = torch.stack(
+            [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
+        )
+        perturbed = logp - torch.log(-torch.log(uniform))  # rand is in [0, 1): G is finite or -inf
+        self.logprobs.append(logp.gather(-1, perturbed.argmax(-1, keepdim=True)).squeeze(-1))
+        return perturbed
+
+
+def warpers(config: SamplingConfig) -> list[LogitsProcessor]:
+    """Temperature, top-k, top-p as configured (identity settings add nothing)."""
+    out: list[LogitsProcessor] = []
+    if config.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k > 0:
+        out.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        out.append(TopPLogitsWarper(config.top_p))
+    return out
+
+
 @torch.no_grad()
 def sample_batch(
-    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: SamplingConfig, seed: int
+    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seeds: list[int], config: SamplingConfig
 ) -> list[Completion]:
-    """Sample one completion per prompt; deterministic on the CPU for a given seed."""
+    """One completion per prompt, prompt i drawing with `seeds[i]`; deterministic on the CPU."""
     device = next(model.parameters()).device
     encoded = tokenizer(  # left padding: generation continues every prompt from its end
         prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     ).to(device)
     prompt_length = encoded["input_ids"].shape[1]
     stop = BodyStop(tokenizer, prompt_length, len(prompts))
-    torch.manual_seed(seed)
+    sampler = GumbelSampler(seeds, device)
     generation = GenerationConfig(  # explicit: no defaults inherited from the checkpoint
-        do_sample=True,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
+        do_sample=False,  # greedy on the Gumbel-perturbed scores: a draw (GumbelSampler)
+        temperature=None,
+        top_k=None,
+        top_p=None,
         max_new_tokens=config.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
         return_dict_in_generate=True,
     )
     out = model.generate(
-        **encoded, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop])
+        **encoded,
+        generation_config=generation,
+        logits_processor=LogitsProcessorList([*warpers(config), sampler]),
+        stopping_criteria=StoppingCriteriaList([stop]),
     )
     generated = out.sequences[:, prompt_length:]  # (B, T)
-    taken = torch.stack(
-        [  # log-prob of each sampled token under the warped distribution: (B, T)
-            step.float().log_softmax(-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
-            for t, step in enumerate(out.scores)
-        ],
-        dim=1,
-    )
+    taken = torch.stack(sampler.logprobs, dim=1)  # (B, T) log-prob of each token where it was drawn
     completions = []
     for row in range(len(prompts)):
         ids = generated[row].tolist()
@@ -128,14 +172,18 @@ def sample(
     config: SamplingConfig,
     seed: int,
     on_batch: Callable[[int, int, float], None] | None = None,
+    first: int = 0,
 ) -> list[Completion]:
-    """All prompts in batches of `config.batch_size`; `on_batch(sequences, tokens, seconds)` after each."""
+    """All prompts in batches of `config.batch_size`; `on_batch(sequences, tokens, seconds)` after each.
+
+    Prompt i draws from the stream `stream_seed(seed, first + i)`: `first` is the index of
+    `prompts[0]` among the stage's prompts, so a shard of them samples what the whole would."""
     completions: list[Completion] = []
     for start in range(0, len(prompts), config.batch_size):
         began = time.perf_counter()
-        batch = sample_batch(
-            model, tokenizer, prompts[start : start + config.batch_size], config, stream_seed(seed, start)
-        )
+        chunk = prompts[start : start + config.batch_size]
+        seeds = [stream_seed(seed, first + start + i) for i in range(len(chunk))]
+        batch = sample_batch(model, tokenizer, chunk, seeds, config)
         completions += batch
         if on_batch:
             on_batch(len(batch), sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)
