@@ -165,6 +165,20 @@ def sample_batch(
     return completions
 
 
+def length_batches(tokenizer: PreTrainedTokenizerBase, prompts: list[str], size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of at most `size`, cut from the prompts sorted by length and
+    each within twice its shortest prompt's length. A batch is left-padded to its longest prompt:
+    a first try padded to a reflection prompt 3-5 times longer pays that prefill and that attention
+    span at every step (docs/design.md §6)."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lengths.__getitem__):
+        if not batches or len(batches[-1]) == size or lengths[i] > 2 * lengths[batches[-1][0]]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def sample(
     model,
     tokenizer: PreTrainedTokenizerBase,
@@ -177,14 +191,14 @@ def sample(
     """All prompts in batches of `config.batch_size`; `on_batch(sequences, tokens, seconds)` after each.
 
     Prompt i draws from the stream `stream_seed(seed, first + i)`: `first` is the index of
-    `prompts[0]` among the stage's prompts, so a shard of them samples what the whole would."""
-    completions: list[Completion] = []
-    for start in range(0, len(prompts), config.batch_size):
+    `prompts[0]` among the stage's prompts, so a shard of them samples what the whole would.
+    """
+    completions: dict[int, Completion] = {}
+    for rows in length_batches(tokenizer, prompts, config.batch_size):
         began = time.perf_counter()
-        chunk = prompts[start : start + config.batch_size]
-        seeds = [stream_seed(seed, first + start + i) for i in range(len(chunk))]
-        batch = sample_batch(model, tokenizer, chunk, seeds, config)
-        completions += batch
+        seeds = [stream_seed(seed, first + i) for i in rows]
+        batch = sample_batch(model, tokenizer, [prompts[i] for i in rows], seeds, config)
+        completions.update(zip(rows, batch, strict=True))
         if on_batch:
             on_batch(len(batch), sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)
-    return completions
+    return [completions[i] for i in range(len(prompts))]
