@@ -87,7 +87,9 @@ class ModelConfig:
     path: str | None
     """A local Hugging Face causal-LM directory or GGUF file; overrides `preset`."""
     device: Literal["auto", "cpu", "cuda"]
-    """`auto`: CUDA when present (bf16 autocast, fp32 master weights), else the CPU (fp32)."""
+    """`auto`: CUDA when present, else the CPU. Weights and arithmetic are fp32 everywhere: on
+    this project's AVX2 CPU a bf16 matmul runs 6-9x slower than fp32 (bench/RESULTS.md); a
+    bf16 path for CUDA waits for a GPU to measure it on."""
 
 
 @dataclass(frozen=True)

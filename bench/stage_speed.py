@@ -1,0 +1,78 @@
+"""One iteration's sample, targets and train stages of several revisions on the same inputs.
+
+    python bench/stage_speed.py DATA_DIR K REV [REV ...] [--repeat 1]
+
+DATA_DIR is a finished run's `data/` folder (tasks, models/warm, iterations/K-1 and K). Each
+revision's code (`git archive REV`, imported through PYTHONPATH by this interpreter's `etpo`) runs
+`etpo sample` for iteration K from K-1's adapters and open episodes, `etpo targets` on K's executed
+actions, and `etpo train` on K's targets, each with that revision's params.yaml (algo etpo) and
+the same inputs, so the stage times compare code, not trajectories. Revisions alternate within
+each repeat, so they share the machine's state. Prints a markdown table of wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def commands(data: Path, k: int, out: Path) -> dict[str, list[str]]:
+    it, prev = data / "iterations" / f"{k:03d}", data / "iterations" / f"{k - 1:03d}"
+    common = ["--base", str(data / "models" / "warm"), "--adapters", str(prev / "adapters")]
+    return {
+        "sample": ["sample", "--iteration", str(k), "--tasks-dir", str(data / "tasks"), *common,
+                   "--previous", str(prev / "executed.parquet"), "--out", str(out / "s.parquet")],
+        "targets": ["targets", "--iteration", str(k), str(it / "executed.parquet"), *common,
+                    "--out", str(out / "t.parquet")],
+        "train": ["train", "--iteration", str(k), str(it / "targets.parquet"), *common,
+                  "--out", str(out / "adapters"), "--logs", str(out / "logs")],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data", type=Path)
+    parser.add_argument("k", type=int)
+    parser.add_argument("revs", nargs="+")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    etpo = str(Path(sys.executable).parent / "etpo")
+    times: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        for rev in args.revs:
+            trees[rev] = Path(tmp) / rev
+            trees[rev].mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(trees[rev])], input=archive.stdout, check=True)
+        for _ in range(args.repeat):
+            for rev, tree in trees.items():
+                out = Path(tmp) / f"out-{rev}"
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                for stage, command in commands(args.data.resolve(), args.k, out).items():
+                    params = ["--params", str(tree / "params.yaml")]
+                    began = time.perf_counter()
+                    subprocess.run(
+                        [etpo, *command, *params], cwd=tree, env=env, check=True, capture_output=True
+                    )
+                    times.setdefault((stage, rev), []).append(time.perf_counter() - began)
+                    print(f"{rev} {stage}: {times[stage, rev][-1]:.1f} s", file=sys.stderr, flush=True)
+    print("| stage | " + " | ".join(args.revs) + " | ratio |")
+    print("|---" * (len(args.revs) + 2) + "|")
+    for stage in ("sample", "targets", "train"):
+        best = [min(times[stage, rev]) for rev in args.revs]
+        cells = " | ".join(f"{t:.1f} s" for t in best)
+        print(f"| {stage} | {cells} | {best[0] / best[-1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
