@@ -6,7 +6,8 @@ For each git revision (default HEAD), clones this repository at REV into a tempo
 `dvc repro` there with this interpreter's environment (its `etpo` imports the clone's `pipeline`:
 PYTHONPATH points at the clone) and times each stage from DVC's "Running stage" lines. Several
 revisions run one after another in one sitting, so their ratios share the machine's state.
-`--set` overrides params.yaml keys in every clone (e.g. `--set sampling.batch_size=16`).
+`--set` overrides params.yaml keys in every clone (e.g. `--set sampling.batch_size=16`);
+`--keep DIR` makes the clones in DIR/REV and keeps them (their dvc.lock and outputs).
 Prints one markdown table: a row per stage, a column per revision, and the total.
 """
 
@@ -39,10 +40,10 @@ def set_params(path: Path, changes: list[str]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def profile(rev: str, changes: list[str], log: Path) -> dict[str, float]:
+def profile(rev: str, changes: list[str], log: Path, keep: Path | None) -> dict[str, float]:
     """{stage: seconds} of one `dvc repro` of `rev` from scratch; the full output goes to `log`."""
     with tempfile.TemporaryDirectory() as tmp:
-        clone = Path(tmp) / "repo"
+        clone = keep / rev if keep else Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", "--shared", str(REPO), str(clone)], check=True)
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", rev], check=True)
         if changes:
@@ -73,10 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("revs", nargs="*", default=["HEAD"])
     parser.add_argument("--set", dest="changes", action="append", default=[])
+    parser.add_argument("--keep", type=Path)
     args = parser.parse_args()
     results = {}
     for rev in args.revs:
-        results[rev] = profile(rev, args.changes, Path(tempfile.gettempdir()) / f"profile-{rev}.log")
+        log = Path(tempfile.gettempdir()) / f"profile-{rev}.log"
+        results[rev] = profile(rev, args.changes, log, args.keep)
         print(f"{rev}: {sum(results[rev].values()):.0f} s", file=sys.stderr, flush=True)
     stages = list(dict.fromkeys(s for times in results.values() for s in times))
     print("| stage | " + " | ".join(args.revs) + " |")
