@@ -48,7 +48,7 @@ def profile(rev: str, changes: list[str], log: Path, keep: Path | None) -> dict[
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", rev], check=True)
         if changes:
             set_params(clone / "params.yaml", changes)
-        env = {**os.environ, "PYTHONPATH": str(clone)}
+        env = {**os.environ, "PYTHONPATH": str(clone), "PYTHONUNBUFFERED": "1"}  # lines as they happen
         times: dict[str, float] = {}
         current, began = None, time.perf_counter()
         with log.open("w") as out:
