@@ -116,12 +116,16 @@ def warpers(config: SamplingConfig) -> list[LogitsProcessor]:
 
 @torch.no_grad()
 def sample_batch(
-    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], seeds: list[int], config: SamplingConfig
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    seeds: list[int],
+    config: SamplingConfig,
 ) -> list[Completion]:
-    """One completion per prompt, prompt i drawing with `seeds[i]`; deterministic on the CPU."""
+    """One completion per tokenized prompt, prompt i drawing with `seeds[i]`; deterministic on the CPU."""
     device = next(model.parameters()).device
-    encoded = tokenizer(  # left padding: generation continues every prompt from its end
-        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    encoded = tokenizer.pad(  # left padding: generation continues every prompt from its end
+        {"input_ids": prompts}, padding_side="left", return_tensors="pt"
     ).to(device)
     prompt_length = encoded["input_ids"].shape[1]
     stop = BodyStop(tokenizer, prompt_length, len(prompts))
@@ -151,11 +155,10 @@ def sample_batch(
         ends = [n for n in (stop.stop_at[row], eos) if n is not None]
         length = min(ends) if ends else len(ids)
         action = ids[:length]
-        prompt_ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
         text = tokenizer.decode(action, skip_special_tokens=True)
         completions.append(
             Completion(
-                prompt_ids=prompt_ids,
+                prompt_ids=prompts[row],
                 completion_ids=action,
                 behaviour_logprobs=taken[row, :length].tolist(),
                 body=cut_body(text)[0],
@@ -165,14 +168,13 @@ def sample_batch(
     return completions
 
 
-def length_batches(tokenizer: PreTrainedTokenizerBase, prompts: list[str], size: int) -> list[list[int]]:
-    """Indices of `prompts` in batches of at most `size`, cut from the prompts sorted by length and
-    each within twice its shortest prompt's length. A batch is left-padded to its longest prompt:
+def length_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices of prompts of `lengths` in batches of at most `size`, cut from the prompts sorted by
+    length and each within twice its shortest prompt's length. A batch is left-padded to its longest prompt:
     a first try padded to a reflection prompt 3-5 times longer pays that prefill and that attention
     span at every step (docs/design.md §6)."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     batches: list[list[int]] = []
-    for i in sorted(range(len(prompts)), key=lengths.__getitem__):
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         if not batches or len(batches[-1]) == size or lengths[i] > 2 * lengths[batches[-1][0]]:
             batches.append([])
         batches[-1].append(i)
@@ -193,11 +195,12 @@ def sample(
     Prompt i draws from the stream `stream_seed(seed, first + i)`: `first` is the index of
     `prompts[0]` among the stage's prompts, so a shard of them samples what the whole would.
     """
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     completions: dict[int, Completion] = {}
-    for rows in length_batches(tokenizer, prompts, config.batch_size):
+    for rows in length_batches([len(p) for p in ids], config.batch_size):
         began = time.perf_counter()
         seeds = [stream_seed(seed, first + i) for i in rows]
-        batch = sample_batch(model, tokenizer, [prompts[i] for i in rows], seeds, config)
+        batch = sample_batch(model, tokenizer, [ids[i] for i in rows], seeds, config)
         completions.update(zip(rows, batch, strict=True))
         if on_batch:
             on_batch(len(batch), sum(len(c.completion_ids) for c in batch), time.perf_counter() - began)

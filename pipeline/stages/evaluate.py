@@ -133,7 +133,9 @@ def run(
     texts, hashes = held_out_corpus()
     metrics["perplexity/policy"] = perplexity(model, tokenizer, texts, "policy")
     reference = previous.get("perplexity", {}).get("reference")  # init's, carried along
-    metrics["perplexity/reference"] = reference or perplexity(model, tokenizer, texts, None)
+    if reference is None:  # no k-1 folder given (a stage run by hand)
+        reference = perplexity(model, tokenizer, texts, None)
+    metrics["perplexity/reference"] = reference
     history = read_json(previous_dir / HISTORY if previous_dir else None, []) + [
         history_row(iteration, metrics)
     ]
