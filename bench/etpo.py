@@ -98,7 +98,6 @@ def update_bench(model_dir: str) -> None:
     from pipeline.etpo.train import etpo_update
     from pipeline.models.adapters import attach_adapters
     from pipeline.models.base import load_base
-    from pipeline.models.logits import ActionBatch
     from pipeline.models.update import train_adapters
 
     model, tokenizer = load_base(model_dir)
@@ -120,12 +119,14 @@ def update_bench(model_dir: str) -> None:
 
     peft_model.set_adapter("policy")
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
-    labels = batch.input_ids.clone()
-    labels[batch.attention_mask == 0] = -100
+    input_ids = torch.tensor(
+        [r["prompt_ids"] + r["completion_ids"] for r in rows]
+    )  # equal lengths: no padding
+    labels = input_ids.clone()
+    labels[:, :96] = -100  # the loss on the completions only, as ETPO's
 
     def supervised() -> None:
-        loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        loss = peft_model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -1,6 +1,6 @@
 """Where the main job's time goes: `dvc repro` from a fresh clone, wall time per stage.
 
-    python bench/profile.py [REV ...] [--set KEY=VALUE ...]
+    python bench/main_job.py [REV ...] [--set KEY=VALUE ...]
 
 For each git revision (default HEAD), clones this repository at REV into a temporary folder, runs
 `dvc repro` there with this interpreter's environment (its `etpo` imports the clone's `pipeline`:
