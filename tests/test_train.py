@@ -140,7 +140,7 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     prompts = [shared, other, shared, shared]
     completions = [[31, 32], [41, 42, 43, 44, 45], [51], [61, 62, 63]]
     batch = ActionBatch.build(prompts, completions)
-    assert len(batch.groups) == 2  # the shared prompt goes through the model once
+    assert batch.prompts.shape[0] == 2  # the shared prompt goes through the model once
     generator = torch.Generator().manual_seed(1)
     weights, readout = torch.randn(batch.mask.shape, generator=generator), torch.randn(8, generator=generator)
 

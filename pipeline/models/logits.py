@@ -4,10 +4,11 @@ All four are the same base with a different LoRA adapter active (or none, for th
 so one helper switches adapters and slices the positions that predict the completion.
 
 Actions are grouped by prompt (the samples of one state share it): each distinct prompt goes
-through the model once, and its samples continue from that prefix's key/value cache, repeated over
-them with gradients flowing back through it (docs/design.md §6). Nothing is padded across prompts:
-a prompt is one row, its completions are right-padded among themselves only, so causal attention
-alone keeps every valid position from seeing padding and no attention mask is needed.
+through the model once, and its samples continue from that prefix's key/value cache, gathered over
+them with gradients flowing back through it (docs/design.md §6). A minibatch takes two passes: its
+distinct prompts, left-padded, then all completions, right-padded, each attending to its prompt's
+cache. Attention masks keep padding invisible and position ids count real tokens only, so every
+valid position sees exactly its own sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
@@ -25,41 +25,39 @@ from pipeline.models.adapters import reference
 
 
 @dataclass(frozen=True)
-class PromptGroup:
-    """One distinct prompt and the completions (actions) that continue it."""
-
-    prompt: Tensor  # (1, P)
-    completions: Tensor  # (n, T_g) right-padded with 0; only the first T_g - 1 tokens are inputs
-    rows: list[int]  # each completion's row in the ActionBatch
-
-
-@dataclass(frozen=True)
 class ActionBatch:
-    """Prompt + completion sequences, grouped by prompt; outputs are (B, T) laid out by row."""
+    """Prompt + completion sequences, the distinct prompts stored once; outputs are (B, T) by row."""
 
-    groups: list[PromptGroup]
+    prompts: Tensor  # (G, P) distinct prompts, left-padded with 0
+    prompt_mask: Tensor  # (G, P) 1 on prompt tokens
+    prompt_of: Tensor  # (B,) each action's row in `prompts`
     taken: Tensor  # (B, T) completion token ids, 0 past the end
     mask: Tensor  # (B, T) 1 on valid completion tokens
 
     @classmethod
     def build(cls, prompts: list[list[int]], completions: list[list[int]]) -> ActionBatch:
+        groups = prompt_groups(prompts)
+        distinct = [prompts[rows[0]] for rows in groups]
+        P = max(len(p) for p in distinct)
+        prompt_ids = torch.zeros((len(distinct), P), dtype=torch.long)
+        prompt_mask = torch.zeros((len(distinct), P), dtype=torch.long)
+        for g, prompt in enumerate(distinct):
+            prompt_ids[g, P - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[g, P - len(prompt) :] = 1
+        prompt_of = torch.zeros(len(prompts), dtype=torch.long)
+        for g, rows in enumerate(groups):
+            prompt_of[rows] = g
         B, T = len(prompts), max(len(c) for c in completions)
         taken = torch.zeros((B, T), dtype=torch.long)
         mask = torch.zeros((B, T))
         for b, c in enumerate(completions):
             taken[b, : len(c)] = torch.tensor(c)
             mask[b, : len(c)] = 1.0
-        groups = [
-            PromptGroup(
-                torch.tensor([prompts[rows[0]]]), taken[rows, : max(len(completions[b]) for b in rows)], rows
-            )
-            for rows in prompt_groups(prompts)
-        ]
-        return cls(groups, taken, mask)
+        return cls(prompt_ids, prompt_mask, prompt_of, taken, mask)
 
     def to(self, device: torch.device) -> ActionBatch:
-        groups = [PromptGroup(g.prompt.to(device), g.completions.to(device), g.rows) for g in self.groups]
-        return ActionBatch(groups, self.taken.to(device), self.mask.to(device))
+        fields = (self.prompts, self.prompt_mask, self.prompt_of, self.taken, self.mask)
+        return ActionBatch(*(t.to(device) for t in fields))
 
 
 def prompt_groups(prompts: list[list[int]]) -> list[list[int]]:
@@ -107,32 +105,39 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
 def _forward(
     model: PeftModel, batch: ActionBatch, adapter: str | None, hidden: bool
 ) -> tuple[Tensor, Tensor]:
-    """(B, T, V) logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor)."""
+    """(B, T, V) logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
+
+    The prompts' pass: the last position of each (real, thanks to left padding) predicts its
+    samples' first token. The completions' pass: tokens 0 .. T - 2 of every sample, from its
+    prompt's cache gathered by `prompt_of` (indexing is an autograd op, so gradients reach the
+    prompts' pass), at positions that continue its prompt's real length.
+    """
     if adapter is not None:
         model.set_adapter(adapter)
     T = batch.taken.shape[1]
-    logits, states, rows = [], [], []
+    positions = (batch.prompt_mask.cumsum(1) - 1).clamp(min=0)
     with reference(model) if adapter is None else nullcontext():
-        for group in batch.groups:
-            z, h = _group_forward(model, group, hidden)
-            logits.append(F.pad(z, (0, 0, 0, T - z.shape[1])))
-            states.append(F.pad(h, (0, 0, 0, T - h.shape[1])) if hidden else h)
-            rows += group.rows
-    back = torch.argsort(torch.tensor(rows, device=batch.taken.device))  # group order -> row order
-    return torch.cat(logits)[back], torch.cat(states)[back] if hidden else torch.empty(0)
-
-
-def _group_forward(model: PeftModel, group: PromptGroup, hidden: bool) -> tuple[Tensor, Tensor]:
-    """One prompt's pass (its last position predicts every sample's first token), then the samples'
-    pass over their tokens 0 .. T_g - 2 from the prompt's cache repeated n times."""
-    n, T = group.completions.shape
-    out = model(input_ids=group.prompt, use_cache=T > 1, logits_to_keep=1, output_hidden_states=hidden)
-    z = out.logits.expand(n, -1, -1)  # (n, 1, V)
-    h = out.hidden_states[-1][:, -1:].expand(n, -1, -1) if hidden else torch.empty(0)
-    if T > 1:
-        cache = out.cache
-        cache.batch_repeat_interleave(n)  # an autograd op: gradients reach the prompt's pass
-        rest = model(input_ids=group.completions[:, :-1], cache=cache, output_hidden_states=hidden)
-        z = torch.cat([z, rest.logits], dim=1)
-        h = torch.cat([h, rest.hidden_states[-1]], dim=1) if hidden else h
-    return z, h
+        out = model(
+            input_ids=batch.prompts,
+            attention_mask=batch.prompt_mask,
+            position_ids=positions,
+            use_cache=T > 1,
+            logits_to_keep=1,
+            output_hidden_states=hidden,
+        )
+        logits = out.logits[batch.prompt_of]  # (B, 1, V)
+        states = out.hidden_states[-1][batch.prompt_of, -1:] if hidden else torch.empty(0)
+        if T > 1:
+            cache = out.cache
+            cache.batch_select_indices(batch.prompt_of)
+            seen = batch.prompt_mask[batch.prompt_of]  # (B, P)
+            rest = model(
+                input_ids=batch.taken[:, :-1],
+                attention_mask=torch.cat([seen, torch.ones_like(batch.taken[:, :-1])], dim=1),
+                position_ids=seen.sum(1, keepdim=True) + torch.arange(T - 1, device=seen.device),
+                cache=cache,
+                output_hidden_states=hidden,
+            )
+            logits = torch.cat([logits, rest.logits], dim=1)
+            states = torch.cat([states, rest.hidden_states[-1]], dim=1) if hidden else states
+    return logits, states
