@@ -54,3 +54,16 @@ def test_the_warm_start_makes_the_tiny_preset_write_runnable_bodies(tiny_base, t
     before = runnable_share(tiny_base, iris, executor)
     after = runnable_share(tmp_path / "warm", iris, executor)
     assert before == 0.0 and after >= 0.2, (before, after)
+
+
+def test_the_warm_start_artifact_is_the_same_bytes_in_every_run(tiny_base, tmp_path):
+    """Same params, same files: DVC must not see a new warm start (hence no wall time inside)."""
+    config = replace(DEFAULTS, warmstart=defaults("warmstart", steps=2, batch_size=2, corpus_size=4))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    infos = [warmstart.run(config, tiny_base, out) for out in runs]
+    assert all("seconds" in info for info in infos)  # reported to the caller, not stored
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert files(runs[0]) == files(runs[1])

@@ -17,7 +17,11 @@ from pipeline.provenance import MODEL_INFO, model_id
 
 
 def run(config: Config, base_dir: Path, out: Path) -> dict:
-    """Write the warm-started model to `out`; with 0 steps, hard-link the base's files."""
+    """Write the warm-started model to `out`; with 0 steps, hard-link the base's files.
+
+    The returned info adds the wall time, which stays out of the artifact: the same weights must
+    hash the same in every run, or DVC would see a new warm start each time.
+    """
     started = time.perf_counter()
     losses: list[float] = []
     if config.warmstart.steps == 0:
@@ -37,11 +41,10 @@ def run(config: Config, base_dir: Path, out: Path) -> dict:
     info = {
         "model_id": f"warm:{model_id(base_dir)}",
         "steps": config.warmstart.steps,
-        "seconds": round(time.perf_counter() - started, 1),
         "losses": [round(x, 4) for x in losses],
     }
     write_json(out / MODEL_INFO, info)
-    return info
+    return info | {"seconds": round(time.perf_counter() - started, 1)}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
