@@ -1,11 +1,15 @@
 """Sampling throughput on the CPU: batched generation vs one sequence at a time, and peak memory.
 
-    python bench/sampling.py MODEL_DIR [--sequences 8] [--tokens 96]
+    python bench/sampling.py MODEL_DIR [--sequences 8] [--tokens 96] [--adapters DIR]
 
 Generates `--sequences` completions of exactly `--tokens` tokens (the stop rule is switched off
 by a huge max and EOS suppressed, so both modes do identical work) for the balance-scale prompt,
 once as one batch and once one sequence at a time; reports tokens/s and the ratio, and the peak
 resident memory of this process (ru_maxrss).
+
+With `--adapters` (an iteration's `adapters/` folder) it instead times the batch with the policy
+LoRA as peft applies it (two extra small matrix products per adapted layer and token) against the
+same adapter merged into the weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 import torch
 
+from pipeline.models.adapters import load_adapters
 from pipeline.models.base import load_base
 from pipeline.tasks.prompts import completion_prompt, state_source
 
@@ -44,7 +49,10 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--adapters")
     args = parser.parse_args()
+    if args.adapters:
+        return compare_merged(args)
     model, tokenizer = load_base(args.model)
     model.eval()
     prompt = completion_prompt(state_source("Balance Scale Weight & Distance", (625, 4)))
@@ -56,6 +64,24 @@ def main() -> None:
     print(
         f"| {args.model} | {args.sequences} x {args.tokens} | {total / batched:.1f} | {total / single:.1f} "
         f"| {single / batched:.1f}x | {peak_mb:.0f} |"
+    )
+
+
+def compare_merged(args: argparse.Namespace) -> None:
+    prompt = completion_prompt(state_source("Balance Scale Weight & Distance", (625, 4)))
+    seconds = {}
+    for mode in ("peft", "merged"):
+        model, tokenizer = load_base(args.model)
+        model = load_adapters(model, args.adapters)
+        if mode == "merged":
+            model = model.merge_and_unload()
+        model.eval()
+        generate(model, tokenizer, [prompt], 4)  # warm-up
+        seconds[mode] = generate(model, tokenizer, [prompt] * args.sequences, args.tokens)
+    total = args.sequences * args.tokens
+    print(
+        f"| {args.adapters} | {args.sequences} x {args.tokens} | {total / seconds['peft']:.1f} "
+        f"| {total / seconds['merged']:.1f} | {seconds['peft'] / seconds['merged']:.2f}x |"
     )
 
 

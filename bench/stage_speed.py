@@ -1,6 +1,6 @@
 """One iteration's sample, targets and train stages of several revisions on the same inputs.
 
-    python bench/stage_speed.py DATA_DIR K REV [REV ...] [--repeat 1]
+    python bench/stage_speed.py DATA_DIR K REV [REV ...] [--repeat 1] [--stages sample,targets,train]
 
 DATA_DIR is a finished run's `data/` folder (tasks, models/warm, iterations/K-1 and K). Each
 revision's code (`git archive REV`, imported through PYTHONPATH by this interpreter's `etpo`) runs
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("k", type=int)
     parser.add_argument("revs", nargs="+")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--stages", default="sample,targets,train")
     args = parser.parse_args()
+    stages = args.stages.split(",")
     etpo = str(Path(sys.executable).parent / "etpo")
     times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +61,8 @@ def main() -> None:
                 out = Path(tmp) / f"out-{rev}"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 for stage, command in commands(args.data.resolve(), args.k, out).items():
+                    if stage not in stages:
+                        continue
                     params = ["--params", str(tree / "params.yaml")]
                     began = time.perf_counter()
                     subprocess.run(
@@ -68,7 +72,7 @@ def main() -> None:
                     print(f"{rev} {stage}: {times[stage, rev][-1]:.1f} s", file=sys.stderr, flush=True)
     print("| stage | " + " | ".join(args.revs) + " | ratio |")
     print("|---" * (len(args.revs) + 2) + "|")
-    for stage in ("sample", "targets", "train"):
+    for stage in stages:
         best = [min(times[stage, rev]) for rev in args.revs]
         cells = " | ".join(f"{t:.1f} s" for t in best)
         print(f"| {stage} | {cells} | {best[0] / best[-1]:.2f}x |")
