@@ -16,6 +16,7 @@ from pipeline.models.adapters import adapter_parameters, attach_adapters, load_a
 from pipeline.models.base import load_base
 from pipeline.models.logits import ActionBatch, action_hidden, action_logits, action_logits_and_hidden
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
+from pipeline.stages.policy_eval import mean_kl_to_reference
 from tests.conftest import DEFAULTS, defaults
 
 
@@ -124,6 +125,28 @@ def alone(model, prompt, completion, adapter):
         out = model(input_ids=torch.tensor([prompt + completion]), output_hidden_states=True)
     where = slice(len(prompt) - 1, len(prompt) + len(completion) - 1)  # positions predicting the completion
     return out.logits[0, where], out.hidden_states[-1][0, where]
+
+
+def test_eval_kl_in_chunks_equals_each_action_alone(tiny_base):
+    """eval's KL(pi || rho) per action, batched in chunks that share prompts, equals the plain
+    computation on each sequence; an empty completion has KL 0."""
+    model, _ = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, defaults("lora", rank=4))
+    with torch.no_grad():
+        for p in adapter_parameters(model, "policy"):
+            p.normal_(0.0, 0.05)
+    shared, other = [11, 12, 13, 14, 15, 16], [21, 22]
+    actions = [(shared, [31, 32]), (other, [41, 42, 43]), (shared, []), (shared, [51]), (other, [61, 62])]
+    got = mean_kl_to_reference(model, actions, chunk=2)
+    for (prompt, completion), kl in zip(actions, got, strict=True):
+        if not completion:
+            assert kl == 0.0
+            continue
+        log_pi = alone(model, prompt, completion, "policy")[0].log_softmax(-1)
+        log_rho = alone(model, prompt, completion, None)[0].log_softmax(-1)
+        want = (log_pi.exp() * (log_pi - log_rho)).sum(-1).mean().item()
+        assert want > 1e-4 and abs(kl - want) < 1e-5 * max(1.0, want), (kl, want)
 
 
 @pytest.mark.parametrize("adapter", ["policy", "critic", None])

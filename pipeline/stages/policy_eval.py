@@ -26,6 +26,7 @@ from pipeline.config import Config
 from pipeline.io import EVAL_REWARDS, EVAL_SAMPLES, read_json, write_atomic, write_json
 from pipeline.models.generate import load_sampler, sample, stream_seed
 from pipeline.models.logits import ActionBatch, action_logits
+from pipeline.models.tokens import kl_to_reference
 from pipeline.sandbox.executor import Executor
 from pipeline.stats import bootstrap_mean
 from pipeline.tasks.datasets import load_task
@@ -33,12 +34,21 @@ from pipeline.tasks.prompts import program, render, state_source
 
 
 @torch.no_grad()
-def kl_to_reference(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
-    """Mean over the action's tokens of KL(pi || rho), over the whole vocabulary."""
-    batch = ActionBatch.build([prompt_ids], [completion_ids])
-    log_pi = action_logits(model, batch, "policy").float().log_softmax(-1)
-    log_rho = action_logits(model, batch, None).float().log_softmax(-1)
-    return (log_pi.exp() * (log_pi - log_rho)).sum(-1).mean().item()
+def mean_kl_to_reference(model, actions: list[tuple[list[int], list[int]]], chunk: int = 16) -> list[float]:
+    """Per (prompt ids, completion ids): the mean over its tokens of KL(pi || rho) over the whole
+    vocabulary, 0 for an empty completion. Actions go `chunk` at a time (each chunk's logits are
+    chunk x T x V floats), sharing the prompts they have in common."""
+    kept = [i for i, (_, completion) in enumerate(actions) if completion]
+    kls = [0.0] * len(actions)
+    for start in range(0, len(kept), chunk):
+        rows = kept[start : start + chunk]
+        batch = ActionBatch.build([actions[i][0] for i in rows], [actions[i][1] for i in rows])
+        log_pi = action_logits(model, batch, "policy").float().log_softmax(-1)
+        log_rho = action_logits(model, batch, None).float().log_softmax(-1)
+        per_token = kl_to_reference(log_pi, log_rho) * batch.mask
+        for i, kl in zip(rows, (per_token.sum(1) / batch.mask.sum(1)).tolist(), strict=True):
+            kls[i] = kl
+    return kls
 
 
 def eval_metrics(rewards: dict[str, list[float]], ceiling: dict[str, dict]) -> dict[str, float]:
@@ -91,12 +101,8 @@ def run(
         results = executor.run_many(
             [(n, program(s, c.body)) for n, s, c in zip(names, states, completions, strict=True)]
         )
-    kl = [
-        kl_to_reference(model, c.prompt_ids, c.completion_ids)
-        if adapters is not None and c.completion_ids
-        else 0.0
-        for c in completions
-    ]
+    actions = [(c.prompt_ids, c.completion_ids) for c in completions]
+    kl = mean_kl_to_reference(model, actions) if adapters is not None else [0.0] * len(actions)
     frame = pl.DataFrame(
         {
             "iteration": [iteration] * len(states),
