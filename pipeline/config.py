@@ -87,9 +87,12 @@ class ModelConfig:
     path: str | None
     """A local Hugging Face causal-LM directory or GGUF file; overrides `preset`."""
     device: Literal["auto", "cpu", "cuda"]
-    """`auto`: CUDA when present, else the CPU. Weights and arithmetic are fp32 everywhere: on
-    this project's AVX2 CPU a bf16 matmul runs 6-9x slower than fp32 (bench/RESULTS.md); a
-    bf16 path for CUDA waits for a GPU to measure it on."""
+    """`auto`: CUDA when present, else the CPU."""
+    precision: Literal["fp32", "bf16"]
+    """`bf16`: the base model's weights, and so its matrix products, in bfloat16 (half the memory
+    and the GPU's fast path); LoRA adapters, value heads, optimiser state, log-softmaxes, losses
+    and targets stay fp32. For GPUs: on this project's AVX2 CPU a bf16 matmul runs 6-9x slower
+    than fp32 (bench/RESULTS.md), so the default is `fp32`."""
 
 
 @dataclass(frozen=True)

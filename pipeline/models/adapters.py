@@ -108,7 +108,7 @@ def load_adapters(base: PreTrainedModel, directory: str | Path, trainable: bool 
 
 def load_model(config: Config, base_dir: Path, adapters: Path | None, trainable: bool = False) -> tuple:
     """(model, tokenizer): the base with the adapters of an iteration, or fresh (identity) ones."""
-    model, tokenizer = load_base(base_dir, config.model.device)
+    model, tokenizer = load_base(base_dir, config.model.device, config.model.precision)
     model = load_adapters(model, adapters, trainable) if adapters else attach_adapters(model, config.lora)
     return model, tokenizer
 

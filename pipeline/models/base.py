@@ -109,13 +109,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base(path: str | Path, device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the materialised base (fp32 master weights; on CUDA, use autocast for bf16 compute)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_base(
+    path: str | Path, device: str = "auto", precision: str = "fp32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the materialised base, its weights in `precision` (`model.precision`).
+
+    In bf16 no autocast is needed: peft keeps the adapters in fp32 and casts its inputs to them,
+    and `pipeline.models.logits` hands fp32 logits and hidden states to the maths.
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: no model here; run the bootstrap stage first")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
     return model.to(resolve_device(device)), tokenizer

@@ -47,7 +47,7 @@ class Completion:
 
 def load_sampler(config: Config, base_dir: Path, adapters: Path | None) -> tuple:
     """(model, tokenizer, fim tokens or None): the policy of `adapters` (none: the base) in eval mode."""
-    model, tokenizer = load_base(base_dir, config.model.device)
+    model, tokenizer = load_base(base_dir, config.model.device, config.model.precision)
     if adapters is not None:
         model = load_adapters(model, adapters)  # policy adapter active
     model.eval()

@@ -105,7 +105,7 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
 def _forward(
     model: PeftModel, batch: ActionBatch, adapter: str | None, hidden: bool
 ) -> tuple[Tensor, Tensor]:
-    """(B, T, V) logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
+    """(B, T, V) fp32 logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
 
     The prompts' pass: the last position of each (real, thanks to left padding) predicts its
     samples' first token. The completions' pass: tokens 0 .. T - 2 of every sample, from its
@@ -140,4 +140,4 @@ def _forward(
             )
             logits = torch.cat([logits, rest.logits], dim=1)
             states = torch.cat([states, rest.hidden_states[-1]], dim=1) if hidden else states
-    return logits, states
+    return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`

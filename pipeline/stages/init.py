@@ -20,7 +20,7 @@ from pipeline.provenance import artifact_metadata
 
 
 def run(config: Config, base_dir: Path, adapters: Path, executed: Path, targets: Path, metrics: Path) -> None:
-    model, tokenizer = load_base(base_dir, config.model.device)
+    model, tokenizer = load_base(base_dir, config.model.device, config.model.precision)
     torch.manual_seed(config.seed)  # LoRA A matrices are random; make them reproducible
     model = attach_adapters(model, config.lora)
     with atomic_dir(adapters) as tmp:

@@ -28,7 +28,7 @@ def run(config: Config, base_dir: Path, out: Path) -> dict:
         with atomic_dir(out) as tmp:
             shutil.copytree(base_dir, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
     else:
-        model, tokenizer = load_base(base_dir, config.model.device)
+        model, tokenizer = load_base(base_dir, config.model.device, config.model.precision)
         with Progress() as progress:
             bar = progress.add_task("warmstart", total=config.warmstart.steps)
 
