@@ -4,7 +4,7 @@
 
 1. `q_targets` (one matrix product) vs the same recursion as a Python loop over tokens, and the
    chunked `token_stats` vs one position at a time; 8 actions of 256 tokens, vocabulary 49,152.
-2. Bytes kept per trajectory (5 float32 per token) vs the reference code's stored logits of
+2. Bytes kept per trajectory (7 float32 per token) vs the reference code's stored logits of
    three models (3 x T x V float32). (Transient: one trajectory's logits while it is reduced.)
 3. One ETPO update (reference, critic and policy passes; two backward passes) vs one supervised
    step (one forward + backward) on the same 4 x 256-token minibatch, seconds per token.
@@ -84,7 +84,10 @@ def targets_bench() -> None:
 
 
 def memory_bench() -> None:
-    stored = 5 * T * 4 + 4  # q_target, q_taken, soft_value, kl_ref, entropy + bootstrap_value
+    stored = (
+        7 * T * 4 + 4
+    )  # q_target, q_taken, soft_value, kl_ref, entropy, ref_logit, ref_logprob + bootstrap
+
     reference = 3 * T * V * 4  # the reference code keeps three models' float32 logits
     print(
         f"| kept on disk per {T}-token trajectory | {stored / 1024:.1f} KiB | {reference / 2**20:.0f} MiB "
@@ -109,6 +112,8 @@ def update_bench(model_dir: str) -> None:
             "prompt_ids": torch.randint(0, 1000, (96,), generator=gen).tolist(),
             "completion_ids": torch.randint(0, 1000, (160,), generator=gen).tolist(),
             "q_target": torch.randn(160, generator=gen).tolist(),
+            "ref_logit": torch.randn(160, generator=gen).tolist(),  # the targets stage's
+            "ref_logprob": (-torch.rand(160, generator=gen)).tolist(),
         }
         for _ in range(4)
     ]

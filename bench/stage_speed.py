@@ -24,14 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def commands(data: Path, k: int, out: Path) -> dict[str, list[str]]:
+    """Train reads the targets this revision's targets stage wrote, if it ran (the columns change
+    between revisions), else the run's own."""
     it, prev = data / "iterations" / f"{k:03d}", data / "iterations" / f"{k - 1:03d}"
+    targets = out / "t.parquet" if (out / "t.parquet").exists() else it / "targets.parquet"
     common = ["--base", str(data / "models" / "warm"), "--adapters", str(prev / "adapters")]
     return {
         "sample": ["sample", "--iteration", str(k), "--tasks-dir", str(data / "tasks"), *common,
                    "--previous", str(prev / "executed.parquet"), "--out", str(out / "s.parquet")],
         "targets": ["targets", "--iteration", str(k), str(it / "executed.parquet"), *common,
                     "--out", str(out / "t.parquet")],
-        "train": ["train", "--iteration", str(k), str(it / "targets.parquet"), *common,
+        "train": ["train", "--iteration", str(k), str(targets), *common,
                   "--out", str(out / "adapters"), "--logs", str(out / "logs")],
     }  # fmt: skip
 
@@ -60,9 +63,8 @@ def main() -> None:
             for rev, tree in trees.items():
                 out = Path(tmp) / f"out-{rev}"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
-                for stage, command in commands(args.data.resolve(), args.k, out).items():
-                    if stage not in stages:
-                        continue
+                for stage in stages:
+                    command = commands(args.data.resolve(), args.k, out)[stage]
                     params = ["--params", str(tree / "params.yaml")]
                     began = time.perf_counter()
                     subprocess.run(

@@ -101,12 +101,23 @@ EXECUTED_FIELDS = SAMPLED_FIELDS + [
     pa.field("next_state", pa.string(), nullable=False),  # source of the next state; "" when done
 ]
 # ETPO: q_target = soft Bellman target y_j, q_taken = Q(w_j), soft_value = V_j at the position of
-# token j, advantage = Q(w_j) - V_j. The baselines fill the same columns (pipeline.baselines.targets).
+# token j, advantage = Q(w_j) - V_j; ref_logit = z_rho(w_j) and ref_logprob = log rho(w_j), the
+# reference's values at the taken tokens (the train stage reads them instead of running rho).
+# The baselines fill the same columns (pipeline.baselines.targets).
 TARGET_FIELDS = (
     EXECUTED_FIELDS
     + [
         pa.field(name, F32_LIST, nullable=False)
-        for name in ("q_target", "q_taken", "soft_value", "kl_ref", "entropy", "advantage")
+        for name in (
+            "q_target",
+            "q_taken",
+            "soft_value",
+            "kl_ref",
+            "entropy",
+            "advantage",
+            "ref_logit",
+            "ref_logprob",
+        )
     ]
     + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
 )
@@ -116,7 +127,17 @@ SCHEMAS = {
     "executed": pa.schema(EXECUTED_FIELDS),
     "targets": pa.schema(TARGET_FIELDS),
 }
-PER_TOKEN = ("behaviour_logprobs", "q_target", "q_taken", "soft_value", "kl_ref", "entropy", "advantage")
+PER_TOKEN = (
+    "behaviour_logprobs",
+    "q_target",
+    "q_taken",
+    "soft_value",
+    "kl_ref",
+    "entropy",
+    "advantage",
+    "ref_logit",
+    "ref_logprob",
+)
 METADATA_KEY = b"etpo"
 
 

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.etpo.bellman import q_targets, token_stats
+from pipeline.etpo.bellman import q_targets, q_values, token_stats
 from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
 
 
@@ -91,10 +92,33 @@ def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param):
     stats = token_stats(z_pi.detach(), z_rho, z_critic, taken, 0.1, param, v_target=v)
     assert torch.allclose(stats.q_taken, torch.zeros(2, 5), atol=1e-6)
     assert torch.allclose(stats.soft_value, torch.zeros(2, 5), atol=1e-6)
-    loss = policy_loss(z_pi, z_rho, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param)
+    loss = policy_loss(z_pi, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert z_pi.grad.abs().max().item() < 1e-6  # no update: pi_star = rho = pi
+
+
+@pytest.mark.parametrize("param", ["residual", "paper", "dueling"])
+def test_the_critic_loss_reads_q_from_the_stored_reference_values(param):
+    """Q(w^j) in the critic loss, from rho's stored logit and log-prob of the taken token, is the
+    full-vocabulary `q_values` at that token; the policy loss needs rho's logits for `paper` only."""
+    gen = torch.Generator().manual_seed(2)
+    z_pi, z_rho, z_critic = (torch.randn(2, 5, 11, generator=gen) for _ in range(3))
+    v, y = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    taken, mask = torch.randint(0, 11, (2, 5), generator=gen), torch.ones(2, 5)
+    stats = token_stats(z_pi, z_rho, z_critic, taken, 0.1, param, v_target=v)
+    assert torch.allclose(stats.ref_logprob, z_rho.log_softmax(-1).gather(-1, taken[..., None])[..., 0])
+    q = q_values(z_critic, z_rho, 0.1, param, v).gather(-1, taken[..., None])[..., 0]
+    want = F.huber_loss(q, y, delta=1.0)
+    got = critic_loss(z_critic, stats.ref_logit, stats.ref_logprob, taken, y, mask, 0.1, 1.0, param, v)
+    assert torch.allclose(got, want, atol=1e-6)
+    if param == "paper":
+        with pytest.raises(ValueError, match="reference"):
+            policy_loss(z_pi, z_critic, mask, 0.1, param)
+    else:
+        assert policy_loss(z_pi, z_critic, mask, 0.1, param) == policy_loss(
+            z_pi, z_critic, mask, 0.1, param, z_rho
+        )
 
 
 def soft_optimum(rho_logits, reward, L, V, beta):
@@ -147,8 +171,9 @@ def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L, param):
                 policy[rows], rho[rows], target[rows], taken, beta, param, v_target=v_target[rows]
             )
             y = q_targets(stats.soft_value, stats.logratio_taken, lengths, rewards, done, boot, 1.0, beta)
-        loss = critic_loss(critic[rows], rho[rows], taken, y, mask, beta, 1.0, param, v[rows])
-        loss = loss + policy_loss(policy[rows], rho[rows], critic[rows], mask, beta, param)
+        ref = (stats.ref_logit, stats.ref_logprob)  # what the targets stage stores of rho
+        loss = critic_loss(critic[rows], *ref, taken, y, mask, beta, 1.0, param, v[rows])
+        loss = loss + policy_loss(policy[rows], critic[rows], mask, beta, param)
         opt.zero_grad()
         loss.backward()
         opt.step()

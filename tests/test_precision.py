@@ -73,6 +73,7 @@ def outputs(model, tokenizer) -> dict[str, torch.Tensor]:
 # taken from bf16 logits, without the fp32 upcast, are off by ~0.04 nats at log-probs near -11.
 BOUNDS = {"logp": 0.01, "q_target": 0.02, "soft_value": 0.02, "stats/kl_ref": 1e-3}
 BOUNDS |= {"stats/entropy": 1e-3, "stats/logratio": 0.02, "stats/value": 0.02}
+BOUNDS |= {"stats/ref_logit": 0.01, "stats/ref_logprob": 0.01}  # the reference's, like logp
 
 
 def assert_within_bounds(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -95,6 +96,8 @@ def train_losses(model, tokenizer, steps: int = 3) -> list[float]:
         r | {"q_target": [0.0] * (len(r["completion_ids"]) - 1) + [r["reward"]]}
         for r in state_rows(tokenizer)
     ]
+    for row, stats in zip(rows, state_stats(model, rows, values=False), strict=True):
+        row.update(ref_logit=stats["ref_logit"], ref_logprob=stats["ref_logprob"])  # as targets stores them
     config = defaults("train", epochs=steps, minibatch_size=len(rows))
     optimisers = make_optimisers(model, config)
     logged: list[dict] = []

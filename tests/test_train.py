@@ -20,7 +20,9 @@ from pipeline.stages.policy_eval import mean_kl_to_reference
 from tests.conftest import DEFAULTS, defaults
 
 
-def rows_for(tokenizer, rewards):
+def rows_for(model, tokenizer, rewards):
+    """Two actions of one state with terminal targets `rewards`, and the reference's values at
+    their tokens as the targets stage stores them."""
     prompt = tokenizer("def build_model(x, y):\n", add_special_tokens=False)["input_ids"]
     bodies = ["    model = 1\n", "    return model\n"]
     rows = []
@@ -29,6 +31,12 @@ def rows_for(tokenizer, rewards):
         rows.append(
             {"prompt_ids": prompt, "completion_ids": ids, "q_target": [0.0] * (len(ids) - 1) + [reward]}
         )
+    return with_reference(model, rows)
+
+
+def with_reference(model, rows):
+    for row, stats in zip(rows, state_stats(model, rows, values=False), strict=True):
+        row.update(ref_logit=stats["ref_logit"], ref_logprob=stats["ref_logprob"])
     return rows
 
 
@@ -48,7 +56,7 @@ def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param):
     before = policy_logits(model, tokenizer)
     train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
     update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param))
-    train_adapters(model, rows_for(tokenizer, [1.0, -1.0]), update, train, seed=0)
+    train_adapters(model, rows_for(model, tokenizer, [1.0, -1.0]), update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
 
@@ -62,7 +70,7 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
     train = defaults("train", epochs=3, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-2)
     steps = train_adapters(
         model,
-        rows_for(tokenizer, [1.0, -1.0]),
+        rows_for(model, tokenizer, [1.0, -1.0]),
         partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param)),
         train,
         seed=0,
@@ -93,7 +101,7 @@ def test_policy_gradient_raises_the_better_body_and_ppo_fits_its_values(tiny_bas
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
-    rows = rows_for(tokenizer, [1.0, -1.0])
+    rows = rows_for(model, tokenizer, [1.0, -1.0])
     for row, sign in zip(rows, [1.0, -1.0], strict=True):
         n = len(row["completion_ids"])
         row["behaviour_logprobs"] = [0.0] * n  # replaced below by the policy's own
@@ -200,13 +208,14 @@ def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_pat
     """Two iterations of one epoch, the adapters and Adam's state saved and reloaded in between, end
     where one run of two epochs does (one action: the order of minibatches cannot differ)."""
     _, tokenizer = load_base(tiny_base)
-    rows = rows_for(tokenizer, [1.0, -1.0])[:1]
     update = partial(etpo_update, etpo=DEFAULTS.etpo)
     one_epoch = defaults("train", epochs=1, minibatch_size=1, policy_lr=1e-2, critic_lr=1e-2)
 
     def fresh():
         torch.manual_seed(0)
         return attach_adapters(load_base(tiny_base)[0], defaults("lora", rank=4))
+
+    rows = rows_for(fresh(), tokenizer, [1.0, -1.0])[:1]
 
     continuous = fresh()
     train_adapters(continuous, rows, update, replace(one_epoch, epochs=2), seed=0)
@@ -237,7 +246,7 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
     model = attach_adapters(model, defaults("lora", rank=4))
     with torch.no_grad():
         model.target_value_head.bias.fill_(0.7)
-    row = rows_for(tokenizer, [1.0, -1.0])[0] | {"reward": -1.0, "done": False}
+    row = rows_for(model, tokenizer, [1.0, -1.0])[0] | {"reward": -1.0, "done": False}
     etpo = defaults("etpo", parametrisation="dueling")
     got = state_targets(model, [row], [row["prompt_ids"]], etpo)[0]
     assert got["bootstrap_value"] == pytest.approx(0.7, abs=1e-5)

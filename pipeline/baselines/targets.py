@@ -4,7 +4,7 @@ Columns of the targets table (io.TARGET_FIELDS), per algorithm:
     ppo:        advantage = whitened GAE, q_target = return (value target), q_taken = soft_value = V_old
     grpo:       advantage = group-relative advantage at every token; no critic (q_* = 0)
     best_of_n:  no update (advantage = 0, q_* = 0)
-kl_ref and entropy are the policy's, as for ETPO. The advantages are computed over the whole
+kl_ref, entropy, ref_logit and ref_logprob as for ETPO. The advantages are computed over the whole
 iteration at once (GRPO's groups and PPO's whitening span actions).
 """
 
@@ -24,12 +24,14 @@ from pipeline.models.tokens import entropy, kl_to_reference
 
 @torch.no_grad()
 def state_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[str, list[float]]]:
-    """KL to rho, entropy and log(pi / rho) of the taken tokens, and V_old from the value head if
-    asked, for actions of one state (one prompt, once through each network: `ActionBatch`)."""
+    """KL to rho, entropy, log(pi / rho) and rho's logit and log-prob of the taken tokens, and V_old
+    from the value head if asked, for actions of one state (one prompt, once through each network:
+    `ActionBatch`)."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     logp_pi = action_logits(model, batch, "policy").float().log_softmax(-1)  # (B, T, V)
-    logp_rho = action_logits(model, batch, None).float().log_softmax(-1)
     taken = batch.taken.unsqueeze(-1)
+    z_rho = action_logits(model, batch, None).float()
+    logp_rho = z_rho.log_softmax(-1)
     logratio = (logp_pi.gather(-1, taken) - logp_rho.gather(-1, taken))[..., 0]
     v_old = model.value_head(action_hidden(model, batch, "critic")).squeeze(-1) if values else 0 * logratio
     columns = {
@@ -37,6 +39,8 @@ def state_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[s
         "entropy": entropy(logp_pi),
         "logratio": logratio,
         "value": v_old.float(),
+        "ref_logit": z_rho.gather(-1, taken)[..., 0],
+        "ref_logprob": logp_rho.gather(-1, taken)[..., 0],
     }
     return [
         {name: t[b, :n].tolist() for name, t in columns.items()}

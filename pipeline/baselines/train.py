@@ -11,7 +11,6 @@ The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 
 from __future__ import annotations
 
-import torch
 from peft import PeftModel
 from torch import Tensor
 
@@ -46,11 +45,8 @@ def _policy_step(
     loss_pi = clipped_surrogate(
         logp, mb.column("behaviour_logprobs"), mb.column("advantage"), batch.mask, clip
     )
-    if kl_coef > 0:
-        with torch.no_grad():
-            logits_rho = action_logits(model, batch, None).float()
-        logp_rho = logits_rho.log_softmax(-1).gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
-        kl = masked_mean(k3_kl(logp, logp_rho), batch.mask)
+    if kl_coef > 0:  # k3 needs log rho of the taken tokens only: stored by the targets stage
+        kl = masked_mean(k3_kl(logp, mb.column("ref_logprob")), batch.mask)
         loss_pi = loss_pi + kl_coef * kl
         metrics["train/kl_ref"] = kl
     step("policy", loss_pi)

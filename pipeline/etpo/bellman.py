@@ -60,6 +60,8 @@ class TokenStats:
     entropy: Tensor  # H(pi) at j
     logratio_taken: Tensor  # log pi(w^j) - log rho(w^j)
     q_taken: Tensor  # Q_bar(w^j)
+    ref_logit: Tensor  # z_rho(w^j): with ref_logprob, all the critic's loss needs of the reference
+    ref_logprob: Tensor  # log rho(w^j)
 
 
 def token_stats(
@@ -78,7 +80,7 @@ def token_stats(
     Only chunk x V float32 temporaries live at once per tensor, so the memory of the reduction
     is O(B T + chunk V), not O(B T V) like the reference code's stored logits.
     """
-    parts: list[list[Tensor]] = [[] for _ in range(5)]
+    parts: list[list[Tensor]] = [[] for _ in range(7)]
     for start in range(0, z_pi.shape[1], chunk):
         sl = slice(start, start + chunk)
         logp_pi = z_pi[:, sl].float().log_softmax(-1)  # (B, c, V)
@@ -92,6 +94,8 @@ def token_stats(
             entropy(logp_pi),
             (logp_pi.gather(-1, idx) - logp_rho.gather(-1, idx)).squeeze(-1),
             q.gather(-1, idx).squeeze(-1),
+            z_rho[:, sl].float().gather(-1, idx).squeeze(-1),
+            logp_rho.gather(-1, idx).squeeze(-1),
         )
         for part, value in zip(parts, values, strict=True):
             part.append(value)

@@ -21,7 +21,8 @@ from pipeline.models.tokens import masked_mean
 
 def critic_loss(
     z_critic: Tensor,
-    z_rho: Tensor,
+    ref_logit: Tensor,
+    ref_logprob: Tensor,
     taken: Tensor,
     targets: Tensor,
     mask: Tensor,
@@ -32,19 +33,23 @@ def critic_loss(
 ) -> Tensor:
     """Huber loss of the critic's Q at the taken tokens against the (constant) targets.
 
-    z_critic, z_rho: (B, T, V); taken, targets, mask, v (the dueling critic's state values): (B, T).
+    z_critic: (B, T, V); taken, targets, mask, v (the dueling critic's state values): (B, T).
+    Q(w) = `q_values` at the taken token, where the reference enters only through z_rho(w) and
+    log rho(w) (ref_logit, ref_logprob: (B, T), stored by the targets stage), so no reference pass
+    is needed; the dueling form also needs the critic's own normaliser, logsumexp z_critic.
     """
-    idx = taken.unsqueeze(-1)
-    if parametrisation == "dueling":  # Q needs each distribution's normaliser: the whole vocabulary
-        q_taken = q_values(z_critic.float(), z_rho.float(), beta, parametrisation, v.float()).gather(-1, idx)
-    else:  # elementwise in the logits: the taken tokens' are enough
-        q_taken = q_values(z_critic.gather(-1, idx), z_rho.gather(-1, idx), beta, parametrisation)
-    per_token = F.huber_loss(q_taken.squeeze(-1), targets.detach(), reduction="none", delta=delta)
+    z = z_critic.float()
+    z_taken = z.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+    if parametrisation == "dueling":
+        q_taken = v.float() + beta * (z_taken - z.logsumexp(-1) - ref_logprob)
+    else:  # elementwise in the logits: residual beta (z_critic - z_rho)(w), paper z_critic(w)
+        q_taken = q_values(z_taken, ref_logit, beta, parametrisation)
+    per_token = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=delta)
     return masked_mean(per_token, mask)
 
 
 def optimal_policy_logits(
-    z_critic: Tensor, z_rho: Tensor, beta: float, parametrisation: Parametrisation
+    z_critic: Tensor, z_rho: Tensor | None, beta: float, parametrisation: Parametrisation
 ) -> Tensor:
     """Unnormalised log pi_star = log rho + Q / beta: (..., V).
 
@@ -52,20 +57,22 @@ def optimal_policy_logits(
     exactly; we return z_critic itself, so an untrained critic gives pi_star == rho bit for bit
     (a rounded log_softmax of a log_softmax would leave ~1e-7 gradients that Adam amplifies).
     With `dueling`, log rho + Q / beta = v / beta + log_softmax(z_critic): pi_star = softmax(z_critic)
-    as well, whatever the state value v.
+    as well, whatever the state value v. Only `paper` reads the reference's logits z_rho.
     """
     if parametrisation in ("residual", "dueling"):
         return z_critic
+    if z_rho is None:
+        raise ValueError("the paper parametrisation's pi_star needs the reference's logits z_rho")
     return z_rho.log_softmax(-1) + q_values(z_critic, z_rho, beta, parametrisation) / beta
 
 
 def policy_loss(
     z_pi: Tensor,
-    z_rho: Tensor,
     z_critic: Tensor,
     mask: Tensor,
     beta: float,
     parametrisation: Parametrisation,
+    z_rho: Tensor | None = None,
 ) -> Tensor:
     """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
 
@@ -76,9 +83,8 @@ def policy_loss(
     the gradient is exactly 0 when pi == pi_star (instead of rounding noise Adam would amplify).
     """
     logp_pi = z_pi.float().log_softmax(-1)
-    logp_star = optimal_policy_logits(
-        z_critic.detach().float(), z_rho.detach().float(), beta, parametrisation
-    )
+    z_rho = z_rho.detach().float() if z_rho is not None else None
+    logp_star = optimal_policy_logits(z_critic.detach().float(), z_rho, beta, parametrisation)
     log_ratio = (logp_pi - logp_star.log_softmax(-1)).detach()
     kl = (logp_pi.exp() * log_ratio).sum(-1)
     return masked_mean(kl, mask)

@@ -61,6 +61,8 @@ def state_targets(
         "kl_ref": stats.kl_ref,
         "entropy": stats.entropy,
         "advantage": stats.q_taken - stats.soft_value,  # soft advantage of the taken token
+        "ref_logit": stats.ref_logit,  # the reference never changes: train reads these, no forward
+        "ref_logprob": stats.ref_logprob,
     }
     return [
         {name: t[b, :n].tolist() for name, t in columns.items()} | {"bootstrap_value": boot[b]}

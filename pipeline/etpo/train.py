@@ -1,10 +1,13 @@
 """One ETPO update on a minibatch of actions: critic step, policy step, Polyak target.
 
 Read top to bottom:
-    z_rho    = reference logits                      (no grad)
     z_critic = critic logits;   L_Q  = Huber(Q_phi(w^j) - y_j)            -> critic step
-    z_pi     = policy logits;   L_pi = KL(pi || pi_star[z_critic, z_rho])  -> policy step
+    z_pi     = policy logits;   L_pi = KL(pi || pi_star[z_critic])         -> policy step
     target  <- (1 - tau) target + tau critic
+The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
+stage stored (ref_logit, ref_logprob): the reference never changes, so it runs once per action,
+not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
+paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) needs a reference pass here.
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
@@ -18,7 +21,7 @@ from pipeline.config import EtpoConfig
 from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
 from pipeline.models.adapters import adapter_parameters
 from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
-from pipeline.models.tokens import entropy, kl_to_reference, masked_mean
+from pipeline.models.tokens import entropy, masked_mean
 from pipeline.models.update import Minibatch, Step
 
 
@@ -38,27 +41,41 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     """Update the critic, policy and target adapters of `model` in place; return per-token means."""
     batch = mb.batch
     y = mb.column("q_target")  # (B, T) targets, 0 past each action
-    with torch.no_grad():
-        z_rho = action_logits(model, batch, None)  # (B, T, V)
+    ref_logit, ref_logprob = mb.column("ref_logit"), mb.column("ref_logprob")  # (B, T), of rho
 
     # peft's set_adapter (inside action_logits) makes exactly the active adapter trainable
     z_critic, v = critic_outputs(model, batch, "critic", etpo)
     loss_q = critic_loss(
-        z_critic, z_rho, batch.taken, y, batch.mask, etpo.beta, etpo.huber_delta, etpo.parametrisation, v
+        z_critic,
+        ref_logit,
+        ref_logprob,
+        batch.taken,
+        y,
+        batch.mask,
+        etpo.beta,
+        etpo.huber_delta,
+        etpo.parametrisation,
+        v,
     )
     step("critic", loss_q)
 
     z_pi = action_logits(model, batch, "policy")
-    loss_pi = policy_loss(z_pi, z_rho, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
+    z_rho = None
+    if etpo.parametrisation == "paper":
+        with torch.no_grad():
+            z_rho = action_logits(model, batch, None)
+    loss_pi = policy_loss(z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation, z_rho)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
     polyak_update(target, adapter_parameters(model, "critic") + list(model.value_head.parameters()), etpo.tau)
     with torch.no_grad():
-        logp_pi, logp_rho = z_pi.float().log_softmax(-1), z_rho.float().log_softmax(-1)
+        logp_pi = z_pi.float().log_softmax(-1)
+        logp_taken = logp_pi.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
         return {
             "train/critic_loss": loss_q,
             "train/policy_loss": loss_pi,
-            "train/kl_ref": masked_mean(kl_to_reference(logp_pi, logp_rho), batch.mask),
+            # log pi/rho of the sampled tokens: a sample estimate of KL(pi || rho) (exact in eval)
+            "train/logratio_ref": masked_mean(logp_taken - ref_logprob, batch.mask),
             "train/entropy": masked_mean(entropy(logp_pi), batch.mask),
         }
