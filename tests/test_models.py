@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pipeline.models.adapters import (
@@ -14,9 +15,9 @@ from pipeline.models.adapters import (
     save_adapters,
 )
 from pipeline.models.base import load_base
-from pipeline.models.generate import BodyStop, GumbelSampler, sample
+from pipeline.models.generate import BodyStop, GumbelSampler, load_sampler, sample
 from pipeline.tasks.prompts import completion_prompt, state_source
-from tests.conftest import defaults
+from tests.conftest import DEFAULTS, defaults
 
 PROMPT = completion_prompt(state_source("Balance Scale", (625, 4)))
 
@@ -133,6 +134,25 @@ def test_top_k_one_is_greedy(tiny_base):
     with torch.no_grad():
         greedy = model(ids).logits[0, len(c.prompt_ids) - 1 : -1].argmax(-1)
     assert c.completion_ids == greedy.tolist() and c.behaviour_logprobs == [0.0] * len(c.completion_ids)
+
+
+def test_the_sampler_is_the_policy_with_its_adapter_merged(tiny_base, tmp_path):
+    """load_sampler merges the policy LoRA into the weights: the policy's logits, to float rounding."""
+    torch.manual_seed(0)
+    model = attach_adapters(load_base(tiny_base)[0], defaults("lora", rank=4))
+    with torch.no_grad():
+        for p in adapter_parameters(model, "policy"):
+            p.normal_(0.0, 0.05)
+    save_adapters(model, tmp_path)
+    sampler, _, _ = load_sampler(DEFAULTS, tiny_base, tmp_path)
+    assert not isinstance(sampler, PeftModel)
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        want = load_adapters(load_base(tiny_base)[0], tmp_path)(input_ids=ids).logits  # policy active
+        got = sampler(input_ids=ids).logits
+        base = load_base(tiny_base)[0](input_ids=ids).logits
+    assert not torch.allclose(want, base, atol=1e-3)  # the adapter matters
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_behaviour_logprobs_match_a_forward_pass(tiny_base):

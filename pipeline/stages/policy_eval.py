@@ -24,6 +24,7 @@ from rich.progress import Progress
 
 from pipeline.config import Config
 from pipeline.io import EVAL_REWARDS, EVAL_SAMPLES, read_json, write_atomic, write_json
+from pipeline.models.adapters import load_model
 from pipeline.models.generate import load_sampler, sample, stream_seed
 from pipeline.models.logits import ActionBatch, action_logits
 from pipeline.models.tokens import kl_to_reference
@@ -102,7 +103,10 @@ def run(
             [(n, program(s, c.body)) for n, s, c in zip(names, states, completions, strict=True)]
         )
     actions = [(c.prompt_ids, c.completion_ids) for c in completions]
-    kl = mean_kl_to_reference(model, actions) if adapters is not None else [0.0] * len(actions)
+    kl = [0.0] * len(actions)
+    if adapters is not None:  # the sampler has its policy merged: KL needs policy and reference
+        del model
+        kl = mean_kl_to_reference(load_model(config, base_dir, adapters)[0].eval(), actions)
     frame = pl.DataFrame(
         {
             "iteration": [iteration] * len(states),
