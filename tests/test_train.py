@@ -14,7 +14,14 @@ from pipeline.etpo.targets import state_targets
 from pipeline.etpo.train import etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
-from pipeline.models.logits import ActionBatch, action_hidden, action_logits, action_logits_and_hidden
+from pipeline.models.logits import (
+    PROMPT_SLACK,
+    ActionBatch,
+    action_hidden,
+    action_logits,
+    action_logits_and_hidden,
+    length_batches,
+)
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from pipeline.stages.policy_eval import mean_kl_to_reference
 from tests.conftest import DEFAULTS, defaults
@@ -167,11 +174,13 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     with torch.no_grad():  # B = 0 at initialisation: give the adapters something to differentiate
         for p in adapter_parameters(model, "policy") + adapter_parameters(model, "critic"):
             p.normal_(0.0, 0.05)
-    shared, other = [11, 12, 13, 14, 15, 16], [21, 22]
-    prompts = [shared, other, shared, shared]
-    completions = [[31, 32], [41, 42, 43, 44, 45], [51], [61, 62, 63]]
+    # 6 and 5 tokens share a pass (5 is left-padded), 2 tokens goes alone (length_batches)
+    shared, close, short = [11, 12, 13, 14, 15, 16], [71, 72, 73, 74, 75], [21, 22]
+    prompts = [shared, short, shared, close, shared]
+    completions = [[31, 32], [41, 42, 43, 44, 45], [51], [81, 82, 83], [61, 62, 63]]
     batch = ActionBatch.build(prompts, completions)
-    assert batch.prompts.shape[0] == 2  # the shared prompt goes through the model once
+    assert batch.prompts.shape[0] == 3  # the shared prompt goes through the model once
+    assert length_batches([6, 2, 5], 3, PROMPT_SLACK) == [[1], [2, 0]]
     generator = torch.Generator().manual_seed(1)
     weights, readout = torch.randn(batch.mask.shape, generator=generator), torch.randn(8, generator=generator)
 
@@ -201,7 +210,8 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     want_loss, want = loss_and_grads(torch.stack([z for z, _ in padded]), torch.stack([h for _, h in padded]))
     got_loss, got = loss_and_grads(*action_logits_and_hidden(model, batch, adapter))
     assert torch.allclose(got_loss, want_loss, atol=1e-5)
-    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True))
+    # float32 sums over differently shaped passes: errors ~1e-6 of each gradient's largest entry
+    assert all((g - w).abs().max() <= 1e-5 * w.abs().max() for g, w in zip(got, want, strict=True))
 
 
 def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_path):

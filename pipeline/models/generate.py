@@ -33,6 +33,7 @@ from transformers import (
 from pipeline.config import Config, SamplingConfig
 from pipeline.models.adapters import load_adapters
 from pipeline.models.base import load_base
+from pipeline.models.logits import length_batches
 from pipeline.tasks.prompts import cut_body, find_fim_tokens
 
 
@@ -173,19 +174,6 @@ def sample_batch(
     return completions
 
 
-def length_batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Indices of prompts of `lengths` in batches of at most `size`, cut from the prompts sorted by
-    length and each within twice its shortest prompt's length. A batch is left-padded to its longest prompt:
-    a first try padded to a reflection prompt 3-5 times longer pays that prefill and that attention
-    span at every step (docs/design.md §6)."""
-    batches: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if not batches or len(batches[-1]) == size or lengths[i] > 2 * lengths[batches[-1][0]]:
-            batches.append([])
-        batches[-1].append(i)
-    return batches
-
-
 def sample(
     model,
     tokenizer: PreTrainedTokenizerBase,
@@ -202,7 +190,7 @@ def sample(
     """
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     completions: dict[int, Completion] = {}
-    for rows in length_batches([len(p) for p in ids], config.batch_size):
+    for rows in length_batches([len(p) for p in ids], config.batch_size, slack=2.0):
         began = time.perf_counter()
         seeds = [stream_seed(seed, first + i) for i in rows]
         batch = sample_batch(model, tokenizer, [ids[i] for i in rows], seeds, config)

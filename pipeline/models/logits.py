@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
@@ -58,6 +59,37 @@ class ActionBatch:
     def to(self, device: torch.device) -> ActionBatch:
         fields = (self.prompts, self.prompt_mask, self.prompt_of, self.taken, self.mask)
         return ActionBatch(*(t.to(device) for t in fields))
+
+    def part(self, groups: list[int]) -> tuple[ActionBatch, Tensor]:
+        """The actions of the distinct prompts `groups` as a batch of their own, padding trimmed to
+        its longest prompt and completion, and their rows in this batch."""
+        index = torch.tensor(groups, device=self.prompt_of.device)
+        rows = torch.isin(self.prompt_of, index).nonzero().squeeze(1)
+        local = torch.zeros_like(self.prompt_of)
+        local[index] = torch.arange(len(groups), device=index.device)
+        mask = self.prompt_mask[index]
+        P, T = int(mask.sum(1).max()), max(1, int(self.mask[rows].sum(1).max()))
+        part = ActionBatch(
+            self.prompts[index, -P:],
+            mask[:, -P:],
+            local[self.prompt_of[rows]],
+            self.taken[rows, :T],
+            self.mask[rows, :T],
+        )
+        return part, rows
+
+
+def length_batches(lengths: list[int], size: int, slack: float) -> list[list[int]]:
+    """Indices of sequences of `lengths` in batches of at most `size`, cut from them sorted by
+    length, each batch's longest within `slack` times its shortest. A batch is padded to its
+    longest sequence: a 73-token first try padded to a 385-token reflection prompt would pay for
+    the difference in every pass (docs/design.md §6)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not batches or len(batches[-1]) == size or lengths[i] > slack * lengths[batches[-1][0]]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
 
 
 def prompt_groups(prompts: list[list[int]]) -> list[list[int]]:
@@ -102,42 +134,64 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
     return _forward(model, batch, adapter, hidden=True)
 
 
+PROMPT_SLACK = 1.25  # prompts up to 1.25x apart share a pass: at most 20% of its prompt tokens pad
+
+
 def _forward(
     model: PeftModel, batch: ActionBatch, adapter: str | None, hidden: bool
 ) -> tuple[Tensor, Tensor]:
     """(B, T, V) fp32 logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
 
-    The prompts' pass: the last position of each (real, thanks to left padding) predicts its
-    samples' first token. The completions' pass: tokens 0 .. T - 2 of every sample, from its
-    prompt's cache gathered by `prompt_of` (indexing is an autograd op, so gradients reach the
-    prompts' pass), at positions that continue its prompt's real length.
+    The distinct prompts go in batches of similar length (`length_batches`), so that little
+    compute goes to padding; each batch takes two passes (`_two_passes`).
     """
     if adapter is not None:
         model.set_adapter(adapter)
+    lengths = batch.prompt_mask.sum(1).tolist()
+    parts = [batch.part(groups) for groups in length_batches(lengths, len(lengths), PROMPT_SLACK)]
+    with reference(model) if adapter is None else nullcontext():
+        outputs = [_two_passes(model, part, hidden) for part, _ in parts]
+    if len(parts) == 1:
+        logits, states = outputs[0]
+    else:
+        T = batch.taken.shape[1]
+        logits = torch.cat([F.pad(z, (0, 0, 0, T - z.shape[1])) for z, _ in outputs])
+        states = (
+            torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for _, h in outputs]) if hidden else outputs[0][1]
+        )
+        back = torch.argsort(torch.cat([rows for _, rows in parts]))  # parts' order -> row order
+        logits, states = logits[back], states[back] if hidden else states
+    return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`
+
+
+def _two_passes(model: PeftModel, batch: ActionBatch, hidden: bool) -> tuple[Tensor, Tensor]:
+    """The prompts' pass: the last position of each (real, thanks to left padding) predicts its
+    samples' first token. The completions' pass: tokens 0 .. T - 2 of every sample, from its
+    prompt's cache gathered by `prompt_of` (indexing is an autograd op, so gradients reach the
+    prompts' pass), at positions that continue its prompt's real length."""
     T = batch.taken.shape[1]
     positions = (batch.prompt_mask.cumsum(1) - 1).clamp(min=0)
-    with reference(model) if adapter is None else nullcontext():
-        out = model(
-            input_ids=batch.prompts,
-            attention_mask=batch.prompt_mask,
-            position_ids=positions,
-            use_cache=T > 1,
-            logits_to_keep=1,
+    out = model(
+        input_ids=batch.prompts,
+        attention_mask=batch.prompt_mask,
+        position_ids=positions,
+        use_cache=T > 1,
+        logits_to_keep=1,
+        output_hidden_states=hidden,
+    )
+    logits = out.logits[batch.prompt_of]  # (B, 1, V)
+    states = out.hidden_states[-1][batch.prompt_of, -1:] if hidden else torch.empty(0)
+    if T > 1:
+        cache = out.cache
+        cache.batch_select_indices(batch.prompt_of)
+        seen = batch.prompt_mask[batch.prompt_of]  # (B, P)
+        rest = model(
+            input_ids=batch.taken[:, :-1],
+            attention_mask=torch.cat([seen, torch.ones_like(batch.taken[:, :-1])], dim=1),
+            position_ids=seen.sum(1, keepdim=True) + torch.arange(T - 1, device=seen.device),
+            cache=cache,
             output_hidden_states=hidden,
         )
-        logits = out.logits[batch.prompt_of]  # (B, 1, V)
-        states = out.hidden_states[-1][batch.prompt_of, -1:] if hidden else torch.empty(0)
-        if T > 1:
-            cache = out.cache
-            cache.batch_select_indices(batch.prompt_of)
-            seen = batch.prompt_mask[batch.prompt_of]  # (B, P)
-            rest = model(
-                input_ids=batch.taken[:, :-1],
-                attention_mask=torch.cat([seen, torch.ones_like(batch.taken[:, :-1])], dim=1),
-                position_ids=seen.sum(1, keepdim=True) + torch.arange(T - 1, device=seen.device),
-                cache=cache,
-                output_hidden_states=hidden,
-            )
-            logits = torch.cat([logits, rest.logits], dim=1)
-            states = torch.cat([states, rest.hidden_states[-1]], dim=1) if hidden else states
-    return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`
+        logits = torch.cat([logits, rest.logits], dim=1)
+        states = torch.cat([states, rest.hidden_states[-1]], dim=1) if hidden else states
+    return logits, states
