@@ -6,7 +6,8 @@
    chunked `token_stats` vs one position at a time; 8 actions of 256 tokens, vocabulary 49,152.
 2. Bytes kept per trajectory (7 float32 per token) vs the reference code's stored logits of
    three models (3 x T x V float32). (Transient: one trajectory's logits while it is reduced.)
-3. One ETPO update (reference, critic and policy passes; two backward passes) vs one supervised
+3. One ETPO update (critic and policy passes, each with its backward pass; the reference's
+   values at the taken tokens come from the targets stage) vs one supervised
    step (one forward + backward) on the same 4 x 256-token minibatch, seconds per token.
 """
 

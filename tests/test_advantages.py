@@ -1,4 +1,5 @@
-"""The baselines' advantages equal plain per-token / per-group loops on random inputs."""
+"""The baselines' advantages equal plain per-token / per-group loops on random inputs; their KL
+penalty ignores padding."""
 
 import math
 import random
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.baselines.advantages import gae, group_advantages, kl_penalised_rewards
+from pipeline.baselines.losses import k3_kl
 
 
 def random_actions(seed: int, B: int = 5, T: int = 9):
@@ -57,3 +59,16 @@ def test_group_advantages_equal_a_loop_over_groups():
         mean = sum(members) / len(members)
         std = math.sqrt(sum((r - mean) ** 2 for r in members) / (len(members) - 1))
         assert got[i].item() == pytest.approx((rewards[i] - mean) / (std + 1e-6), abs=1e-9)
+
+
+def test_the_k3_penalty_ignores_padding_even_where_its_ratio_would_overflow():
+    """Past an action's end the stored log rho is 0 and the policy's log-prob of the pad token can
+    be very low: exp(0 - (-200)) is inf, and inf * 0 would make the loss and its gradient NaN."""
+    logp = torch.tensor([[-1.0, -2.0, -200.0]], requires_grad=True)
+    logp_ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    kl = k3_kl(logp, logp_ref, mask)
+    kl.backward()
+    r = logp_ref[0, :2] - logp.detach()[0, :2]
+    assert kl.item() == pytest.approx((r.exp() - r - 1.0).mean().item())
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0.0

@@ -46,7 +46,7 @@ def _policy_step(
         logp, mb.column("behaviour_logprobs"), mb.column("advantage"), batch.mask, clip
     )
     if kl_coef > 0:  # k3 needs log rho of the taken tokens only: stored by the targets stage
-        kl = masked_mean(k3_kl(logp, mb.column("ref_logprob")), batch.mask)
+        kl = k3_kl(logp, mb.column("ref_logprob"), batch.mask)
         loss_pi = loss_pi + kl_coef * kl
         metrics["train/kl_ref"] = kl
     step("policy", loss_pi)

@@ -75,7 +75,8 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
         return {
             "train/critic_loss": loss_q,
             "train/policy_loss": loss_pi,
-            # log pi/rho of the sampled tokens: a sample estimate of KL(pi || rho) (exact in eval)
+            # log pi/rho of tokens the behaviour policy drew: near KL(pi || rho) while pi stays
+            # near that policy (the exact KL is eval's)
             "train/logratio_ref": masked_mean(logp_taken - ref_logprob, batch.mask),
             "train/entropy": masked_mean(entropy(logp_pi), batch.mask),
         }
