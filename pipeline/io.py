@@ -104,31 +104,7 @@ EXECUTED_FIELDS = SAMPLED_FIELDS + [
 # token j, advantage = Q(w_j) - V_j; ref_logit = z_rho(w_j) and ref_logprob = log rho(w_j), the
 # reference's values at the taken tokens (the train stage reads them instead of running rho).
 # The baselines fill the same columns (pipeline.baselines.targets).
-TARGET_FIELDS = (
-    EXECUTED_FIELDS
-    + [
-        pa.field(name, F32_LIST, nullable=False)
-        for name in (
-            "q_target",
-            "q_taken",
-            "soft_value",
-            "kl_ref",
-            "entropy",
-            "advantage",
-            "ref_logit",
-            "ref_logprob",
-        )
-    ]
-    + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
-)
-
-SCHEMAS = {
-    "sampled": pa.schema(SAMPLED_FIELDS),
-    "executed": pa.schema(EXECUTED_FIELDS),
-    "targets": pa.schema(TARGET_FIELDS),
-}
-PER_TOKEN = (
-    "behaviour_logprobs",
+TARGET_COLUMNS = (
     "q_target",
     "q_taken",
     "soft_value",
@@ -138,6 +114,18 @@ PER_TOKEN = (
     "ref_logit",
     "ref_logprob",
 )
+TARGET_FIELDS = (
+    EXECUTED_FIELDS
+    + [pa.field(name, F32_LIST, nullable=False) for name in TARGET_COLUMNS]
+    + [pa.field("bootstrap_value", pa.float32(), nullable=False)]
+)
+
+SCHEMAS = {
+    "sampled": pa.schema(SAMPLED_FIELDS),
+    "executed": pa.schema(EXECUTED_FIELDS),
+    "targets": pa.schema(TARGET_FIELDS),
+}
+PER_TOKEN = ("behaviour_logprobs", *TARGET_COLUMNS)
 METADATA_KEY = b"etpo"
 
 
