@@ -104,7 +104,9 @@ def memory_bench() -> None:
     )
 
 
-def update_seconds(model, minibatch: int = 4, prompt: int = 96, completion: int = 160) -> tuple[float, float, int]:
+def update_seconds(
+    model, minibatch: int = 4, prompt: int = 96, completion: int = 160
+) -> tuple[float, float, int]:
     """Seconds of one ETPO update and of one supervised step on `minibatch` random actions, and
     the completion tokens they hold. The model's device and dtype are used as loaded."""
     from functools import partial

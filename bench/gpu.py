@@ -74,13 +74,15 @@ def main() -> None:
         for precision in args.precisions:
             model = build(arch, precision, device)
             generate(model, tokenizer, [prompt], 4)  # warm-up
-            rates = [b * NEW_TOKENS / generate(model, tokenizer, [prompt] * b, NEW_TOKENS) for b in (small, large)]
+            seconds = [generate(model, tokenizer, [prompt] * b, NEW_TOKENS) for b in args.batches]
+            rates = [b * NEW_TOKENS / s for b, s in zip(args.batches, seconds, strict=True)]
             updates = []
-            for minibatch in (mb_small, mb_large):
+            for minibatch in args.minibatches:
                 etpo_s, sft_s, tokens = update_seconds(build(arch, precision, device), minibatch)
                 updates.append(f"{etpo_s * 1e3 / tokens:.3f} ({etpo_s / sft_s:.2f}x)")
             print(
-                f"| {name} | {arch} | {precision} | {rates[0]:.0f} | {rates[1]:.0f} | {updates[0]} | {updates[1]} |",
+                f"| {name} | {arch} | {precision} | {rates[0]:.0f} | {rates[1]:.0f} "
+                f"| {updates[0]} | {updates[1]} |",
                 flush=True,
             )
             del model

@@ -41,7 +41,9 @@ def test_one_iteration_on_cuda_in_bf16(algo, params, tasks_dir, tiny_base, tmp_p
         "--previous", it0 / "e.parquet", "--out", it1 / "s.parquet", *common,
     )  # fmt: skip
     assert torch.cuda.max_memory_allocated() > 0  # the model ran on the GPU
-    invoke("execute", it1 / "s.parquet", "--tasks-dir", tasks_dir, "--out", it1 / "e.parquet", "--params", params)
+    invoke(
+        "execute", it1 / "s.parquet", "--tasks-dir", tasks_dir, "--out", it1 / "e.parquet", "--params", params
+    )
     invoke(
         "targets", "--iteration", 1, it1 / "e.parquet", "--adapters", it0 / "adapters",
         "--previous", it0 / "t.parquet", "--out", it1 / "t.parquet", *common,
