@@ -19,26 +19,33 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, get_int_from_env
+
+# the world size a torchrun or MPI launch sets
+LAUNCHED_WORLD_SIZE = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
 
 
 class DataParallel:
     """The process group as seen by one update loop (a no-op in a single process)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        # accelerate keeps one state per process, fixed by its first Accelerator: made only under
+        # a multi-process launch, so that one process (a test, a notebook) may use CPU and GPU.
+        launched = get_int_from_env(LAUNCHED_WORLD_SIZE, 1) > 1
+        self.accelerator = Accelerator(cpu=device.type == "cpu") if launched else None
+        self.device = self.accelerator.device if self.accelerator else device
 
     @property
     def world(self) -> int:
-        return self.accelerator.num_processes
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
+        return self.rank == 0
 
     def shard(self, minibatch: list[dict]) -> tuple[list[dict], bool]:
         """This process's rows of a minibatch, and whether they count.
@@ -46,13 +53,13 @@ class DataParallel:
         A process left without rows (a minibatch smaller than the world) borrows the first row
         and gives it weight 0, so every process runs the same collectives.
         """
-        mine = minibatch[self.accelerator.process_index :: self.world]
+        mine = minibatch[self.rank :: self.world]
         return (mine, True) if mine else (minibatch[:1], False)
 
     def span(self, n: int) -> tuple[int, int]:
         """This process's contiguous share [lo, hi) of n items (the first processes take one more)."""
         size, extra = divmod(n, self.world)
-        rank = self.accelerator.process_index
+        rank = self.rank
         lo = rank * size + min(rank, extra)
         return lo, lo + size + (rank < extra)
 
@@ -94,4 +101,5 @@ class DataParallel:
         return float(norm)
 
     def wait(self) -> None:
-        self.accelerator.wait_for_everyone()
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()

@@ -28,6 +28,7 @@ def state_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[s
     from the value head if asked, for actions of one state (one prompt, once through each network:
     `ActionBatch`)."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+    batch = batch.to(model.device)
     logp_pi = action_logits(model, batch, "policy").float().log_softmax(-1)  # (B, T, V)
     taken = batch.taken.unsqueeze(-1)
     z_rho = action_logits(model, batch, None).float()

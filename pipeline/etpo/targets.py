@@ -29,7 +29,7 @@ def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats
 @torch.no_grad()
 def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
     """V_1(s_{t+1}): the soft value of the next state's first decision."""
-    batch = ActionBatch.build([prompt_ids], [[0]])  # a dummy next token; causal, so it is unseen
+    batch = ActionBatch.build([prompt_ids], [[0]]).to(model.device)  # a dummy next token (unseen: causal)
     return _stats(model, batch, etpo).soft_value[0, 0].item()
 
 
@@ -40,16 +40,16 @@ def state_targets(
     """The per-token columns of docs/design.md §4 for executed actions of one state (one prompt,
     which goes through each network once: `ActionBatch`); `next_prompt_ids`: None where done."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
-    stats = _stats(model, batch, etpo)
+    stats = _stats(model, batch.to(model.device), etpo)
     boot = [bootstrap_value(model, ids, etpo) if ids else 0.0 for ids in next_prompt_ids]
     lengths = [len(r["completion_ids"]) for r in rows]
     y = q_targets(
         stats.soft_value,
         stats.logratio_taken,
-        torch.tensor(lengths),
-        torch.tensor([r["reward"] for r in rows]),
-        torch.tensor([r["done"] for r in rows]),
-        torch.tensor(boot),
+        *(
+            torch.tensor(values, device=model.device)
+            for values in (lengths, [r["reward"] for r in rows], [r["done"] for r in rows], boot)
+        ),
         etpo.gamma,
         etpo.beta,
         etpo.lam,

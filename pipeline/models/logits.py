@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pipeline.models.adapters import reference
 
@@ -134,6 +135,9 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
     return _forward(model, batch, adapter, hidden=True)
 
 
+# transformers 5.2x renamed the key/value cache `past_key_values` -> `cache` (in and out); the
+# old name is still accepted there (deprecated), but older versions know only the old one.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 PROMPT_SLACK = 1.25  # prompts up to 1.25x apart share a pass: at most 20% of its prompt tokens pad
 
 
@@ -182,14 +186,14 @@ def _two_passes(model: PeftModel, batch: ActionBatch, hidden: bool) -> tuple[Ten
     logits = out.logits[batch.prompt_of]  # (B, 1, V)
     states = out.hidden_states[-1][batch.prompt_of, -1:] if hidden else torch.empty(0)
     if T > 1:
-        cache = out.cache
+        cache = getattr(out, CACHE)
         cache.batch_select_indices(batch.prompt_of)
         seen = batch.prompt_mask[batch.prompt_of]  # (B, P)
         rest = model(
             input_ids=batch.taken[:, :-1],
             attention_mask=torch.cat([seen, torch.ones_like(batch.taken[:, :-1])], dim=1),
             position_ids=seen.sum(1, keepdim=True) + torch.arange(T - 1, device=seen.device),
-            cache=cache,
+            **{CACHE: cache},
             output_hidden_states=hidden,
         )
         logits = torch.cat([logits, rest.logits], dim=1)

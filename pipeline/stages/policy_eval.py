@@ -44,6 +44,7 @@ def mean_kl_to_reference(model, actions: list[tuple[list[int], list[int]]], chun
     for start in range(0, len(kept), chunk):
         rows = kept[start : start + chunk]
         batch = ActionBatch.build([actions[i][0] for i in rows], [actions[i][1] for i in rows])
+        batch = batch.to(model.device)
         log_pi = action_logits(model, batch, "policy").float().log_softmax(-1)
         log_rho = action_logits(model, batch, None).float().log_softmax(-1)
         per_token = kl_to_reference(log_pi, log_rho) * batch.mask
