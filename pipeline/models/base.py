@@ -113,9 +113,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_base(
-    path: str | Path, device: str = "auto", precision: str = "fp32"
+    path: str | Path, device: str = "cpu", precision: str = "fp32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the materialised base, its weights in `precision` (`model.precision`).
+    """Load the materialised base on `device` (`model.device`; the stages always pass it, so the
+    CPU default concerns library use and tests), its weights in `precision` (`model.precision`).
 
     In bf16 no autocast is needed: peft keeps the adapters in fp32 and casts its inputs to them,
     and `pipeline.models.logits` hands fp32 logits and hidden states to the maths.
