@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.algorithms import update_for
-from pipeline.baselines.targets import state_stats
-from pipeline.etpo.targets import state_targets
+from pipeline.baselines.targets import action_stats
+from pipeline.etpo.targets import action_targets
 from pipeline.models.adapters import adapter_parameters, attach_adapters
 from pipeline.models.base import load_base
 from pipeline.models.generate import sample
@@ -58,8 +58,8 @@ def outputs(model, tokenizer) -> dict[str, torch.Tensor]:
         logp = action_logits(model, batch, "policy").log_softmax(-1)
         logp = logp.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)[batch.mask.bool()]
     etpo = defaults("etpo", parametrisation="dueling", lam=0.5)
-    targets = state_targets(model, rows, [None, rows[0]["prompt_ids"] + [11], None], etpo)
-    stats = state_stats(model, rows, values=True)
+    targets = action_targets(model, rows, [None, rows[0]["prompt_ids"] + [11], None], etpo)
+    stats = action_stats(model, rows, values=True)
     flat = {"logp": logp.cpu()}
     for key in ("q_target", "soft_value"):
         flat[key] = torch.tensor([x for t in targets for x in t[key]])
@@ -96,7 +96,7 @@ def train_losses(model, tokenizer, steps: int = 3) -> list[float]:
         r | {"q_target": [0.0] * (len(r["completion_ids"]) - 1) + [r["reward"]]}
         for r in state_rows(tokenizer)
     ]
-    for row, stats in zip(rows, state_stats(model, rows, values=False), strict=True):
+    for row, stats in zip(rows, action_stats(model, rows, values=False), strict=True):
         row.update(ref_logit=stats["ref_logit"], ref_logprob=stats["ref_logprob"])  # as targets stores them
     config = defaults("train", epochs=steps, minibatch_size=len(rows))
     optimisers = make_optimisers(model, config)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.algorithms import update_for
-from pipeline.baselines.targets import state_stats
-from pipeline.etpo.targets import state_targets
+from pipeline.baselines.targets import action_stats
+from pipeline.etpo.targets import action_targets, etpo_targets
 from pipeline.etpo.train import etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
@@ -42,7 +42,7 @@ def rows_for(model, tokenizer, rewards):
 
 
 def with_reference(model, rows):
-    for row, stats in zip(rows, state_stats(model, rows, values=False), strict=True):
+    for row, stats in zip(rows, action_stats(model, rows, values=False), strict=True):
         row.update(ref_logit=stats["ref_logit"], ref_logprob=stats["ref_logprob"])
     return rows
 
@@ -181,6 +181,7 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     batch = ActionBatch.build(prompts, completions)
     assert batch.prompts.shape[0] == 3  # the shared prompt goes through the model once
     assert length_batches([6, 2, 5], 3, PROMPT_SLACK) == [[1], [2, 0]]
+    assert length_batches([6, 2, 5, 5], 4, PROMPT_SLACK, weights=[1, 1, 4, 1]) == [[1], [2], [3, 0]]
     generator = torch.Generator().manual_seed(1)
     weights, readout = torch.randn(batch.mask.shape, generator=generator), torch.randn(8, generator=generator)
 
@@ -258,7 +259,7 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
         model.target_value_head.bias.fill_(0.7)
     row = rows_for(model, tokenizer, [1.0, -1.0])[0] | {"reward": -1.0, "done": False}
     etpo = defaults("etpo", parametrisation="dueling")
-    got = state_targets(model, [row], [row["prompt_ids"]], etpo)[0]
+    got = action_targets(model, [row], [row["prompt_ids"]], etpo)[0]
     assert got["bootstrap_value"] == pytest.approx(0.7, abs=1e-5)
     assert got["q_taken"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
     assert got["soft_value"] == pytest.approx([0.7] * len(row["completion_ids"]), abs=1e-5)
@@ -270,17 +271,17 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
         full = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
     n_prompt = len(row["prompt_ids"])
     expected = model.target_value_head(full[n_prompt - 1 : -1]).squeeze(-1)  # positions predicting w_j
-    got = state_targets(model, [row], [None], etpo)[0]
+    got = action_targets(model, [row], [None], etpo)[0]
     assert got["q_taken"] == pytest.approx(expected.tolist(), abs=1e-5)
-    residual = state_targets(model, [row], [row["prompt_ids"]], defaults("etpo", parametrisation="residual"))[
-        0
-    ]
+    residual_etpo = defaults("etpo", parametrisation="residual")
+    residual = action_targets(model, [row], [row["prompt_ids"]], residual_etpo)[0]
     assert residual["bootstrap_value"] == pytest.approx(0.0, abs=1e-6)  # the head plays no part
 
 
-def test_a_state_targets_and_stats_equal_each_action_alone(tiny_base):
-    """One state's actions through each network together (one prompt pass) give the targets and
-    baseline statistics each action gets alone."""
+def test_batched_targets_and_stats_equal_each_action_alone(tiny_base):
+    """Several states' actions through each network together (each prompt once, the next prompts
+    of the bootstrap values together) give the targets and baseline statistics each action gets
+    alone: a state of three samples, one of a prompt of similar length, one of a longer prompt."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
@@ -290,20 +291,24 @@ def test_a_state_targets_and_stats_equal_each_action_alone(tiny_base):
                 p.normal_(0.0, 0.05)
         model.target_value_head.weight.normal_(0.0, 0.1)
         model.value_head.weight.normal_(0.0, 0.1)
-    prompt = tokenizer("def build_model(x, y):\n", add_special_tokens=False)["input_ids"]
-    bodies = ["    model = 1\n", "    return model\n", "    x = y\n    return x\n"]
-    rows = [
-        {"prompt_ids": prompt, "completion_ids": tokenizer(b, add_special_tokens=False)["input_ids"]}
-        | {"reward": r, "done": r > 0}
-        for b, r in zip(bodies, [1.0, -1.0, -0.5], strict=True)
+    prompts = [
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in ("def build_model(x, y):\n", "def build_model(a, b):\n", "# fix it\n" * 6)
     ]
-    following = [None, prompt + [11, 12], [13]]
+    bodies = ["    model = 1\n", "    return model\n", "    x = y\n    return x\n", "    pass\n"]
+    bodies.append("    y = x\n")
+    rows = [
+        {"prompt_ids": prompts[s], "completion_ids": tokenizer(b, add_special_tokens=False)["input_ids"]}
+        | {"reward": r, "done": r > 0}
+        for s, b, r in zip([0, 0, 0, 1, 2], bodies, [1.0, -1.0, -0.5, -1.0, -0.2], strict=True)
+    ]
+    following = [None, prompts[0] + [11, 12], [13], prompts[2], prompts[1] + [14]]
     etpo = defaults("etpo", parametrisation="dueling", lam=0.5)
-    together = state_targets(model, rows, following, etpo)
-    stats = state_stats(model, rows, values=True)
+    together = etpo_targets(model, [dict(r) for r in rows], following, etpo, advance=lambda: None)
+    stats = action_stats(model, rows, values=True)
     for b, row in enumerate(rows):
-        alone_targets = state_targets(model, [row], [following[b]], etpo)[0]
+        alone_targets = action_targets(model, [row], [following[b]], etpo)[0]
         for name, value in alone_targets.items():
             assert together[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)
-        for name, value in state_stats(model, [row], values=True)[0].items():
+        for name, value in action_stats(model, [row], values=True)[0].items():
             assert stats[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)

@@ -18,14 +18,14 @@ from torch import Tensor
 
 from pipeline.baselines.advantages import gae, group_advantages, kl_penalised_rewards, whiten
 from pipeline.config import GrpoConfig, PpoConfig
-from pipeline.models.logits import ActionBatch, action_hidden, action_logits, fill_by_state, per_token
+from pipeline.models.logits import ActionBatch, action_hidden, action_logits, fill_by_states, per_token
 from pipeline.models.tokens import entropy, kl_to_reference
 
 
 @torch.no_grad()
-def state_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[str, list[float]]]:
+def action_stats(model: PeftModel, rows: list[dict], values: bool) -> list[dict[str, list[float]]]:
     """KL to rho, entropy, log(pi / rho) and rho's logit and log-prob of the taken tokens, and V_old
-    from the value head if asked, for actions of one state (one prompt, once through each network:
+    from the value head if asked, for actions (a state's prompt goes through each network once:
     `ActionBatch`)."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     batch = batch.to(model.device)
@@ -80,7 +80,7 @@ def best_of_n_targets(model: PeftModel, rows: list[dict], advance: Callable[[], 
 
 
 def _with_stats(model: PeftModel, rows: list[dict], values: bool, advance: Callable[[], None]) -> None:
-    fill_by_state(rows, lambda group: state_stats(model, [rows[i] for i in group], values), advance)
+    fill_by_states(rows, lambda batch: action_stats(model, [rows[i] for i in batch], values), advance)
 
 
 def _layout(rows: list[dict]) -> ActionBatch:

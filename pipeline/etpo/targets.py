@@ -1,7 +1,8 @@
 """ETPO's per-token soft Bellman targets and diagnostics for executed actions (docs/design.md §1, §4).
 
-One state at a time: three forward passes (policy, reference, target critic) over its prompt and
-its samples, reduced to per-token scalars in chunks of positions; only those scalars reach the disk.
+A few states at a time (`fill_by_states`): three forward passes (policy, reference, target critic)
+over their prompts and samples, reduced to per-token scalars in chunks of positions; only those
+scalars reach the disk.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from peft import PeftModel
 from pipeline.config import EtpoConfig
 from pipeline.etpo.bellman import TokenStats, q_targets, token_stats
 from pipeline.etpo.train import critic_outputs
-from pipeline.models.logits import ActionBatch, action_logits, fill_by_state
+from pipeline.models.logits import ActionBatch, action_logits, fill_by_states
 
 
 def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats:
@@ -27,21 +28,29 @@ def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats
 
 
 @torch.no_grad()
-def bootstrap_value(model: PeftModel, prompt_ids: list[int], etpo: EtpoConfig) -> float:
-    """V_1(s_{t+1}): the soft value of the next state's first decision."""
-    batch = ActionBatch.build([prompt_ids], [[0]]).to(model.device)  # a dummy next token (unseen: causal)
-    return _stats(model, batch, etpo).soft_value[0, 0].item()
+def bootstrap_values(
+    model: PeftModel, next_prompt_ids: list[list[int] | None], etpo: EtpoConfig
+) -> list[float]:
+    """V_1(s_{t+1}) per action: the soft value of its next state's first decision (0 where done,
+    None); the next prompts go through each network together."""
+    kept = [i for i, ids in enumerate(next_prompt_ids) if ids]
+    values = [0.0] * len(next_prompt_ids)
+    if kept:  # a dummy next token after each prompt: causal, so it is unseen
+        batch = ActionBatch.build([next_prompt_ids[i] for i in kept], [[0]] * len(kept)).to(model.device)
+        for i, value in zip(kept, _stats(model, batch, etpo).soft_value[:, 0].tolist(), strict=True):
+            values[i] = value
+    return values
 
 
 @torch.no_grad()
-def state_targets(
+def action_targets(
     model: PeftModel, rows: list[dict], next_prompt_ids: list[list[int] | None], etpo: EtpoConfig
 ) -> list[dict]:
-    """The per-token columns of docs/design.md §4 for executed actions of one state (one prompt,
-    which goes through each network once: `ActionBatch`); `next_prompt_ids`: None where done."""
+    """The per-token columns of docs/design.md §4 for executed actions (a state's prompt goes
+    through each network once: `ActionBatch`); `next_prompt_ids`: None where done."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     stats = _stats(model, batch.to(model.device), etpo)
-    boot = [bootstrap_value(model, ids, etpo) if ids else 0.0 for ids in next_prompt_ids]
+    boot = bootstrap_values(model, next_prompt_ids, etpo)
     lengths = [len(r["completion_ids"]) for r in rows]
     y = q_targets(
         stats.soft_value,
@@ -79,7 +88,7 @@ def etpo_targets(
 ) -> list[dict]:
     """`rows` (executed actions) with ETPO's targets columns; `next_prompt_ids`: None where done."""
 
-    def columns(group: list[int]) -> list[dict]:
-        return state_targets(model, [rows[i] for i in group], [next_prompt_ids[i] for i in group], etpo)
+    def columns(batch: list[int]) -> list[dict]:
+        return action_targets(model, [rows[i] for i in batch], [next_prompt_ids[i] for i in batch], etpo)
 
-    return fill_by_state(rows, columns, advance)
+    return fill_by_states(rows, columns, advance)

@@ -80,16 +80,23 @@ class ActionBatch:
         return part, rows
 
 
-def length_batches(lengths: list[int], size: int, slack: float) -> list[list[int]]:
-    """Indices of sequences of `lengths` in batches of at most `size`, cut from them sorted by
-    length, each batch's longest within `slack` times its shortest. A batch is padded to its
-    longest sequence: a 73-token first try padded to a 385-token reflection prompt would pay for
-    the difference in every pass (docs/design.md §6)."""
+def length_batches(
+    lengths: list[int], size: int, slack: float, weights: list[int] | None = None
+) -> list[list[int]]:
+    """Indices of sequences of `lengths` in batches of at most `size` (in `weights`, 1 each if
+    none; an item heavier than `size` goes alone), cut from them sorted by length, each batch's
+    longest within `slack` times its shortest. A batch is padded to its longest sequence: a
+    73-token first try padded to a 385-token reflection prompt would pay for the difference in
+    every pass (docs/design.md §6)."""
+    weights = weights or [1] * len(lengths)
     batches: list[list[int]] = []
+    load = 0
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if not batches or len(batches[-1]) == size or lengths[i] > slack * lengths[batches[-1][0]]:
+        if not batches or load + weights[i] > size or lengths[i] > slack * lengths[batches[-1][0]]:
             batches.append([])
+            load = 0
         batches[-1].append(i)
+        load += weights[i]
     return batches
 
 
@@ -101,12 +108,18 @@ def prompt_groups(prompts: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def fill_by_state(
+def fill_by_states(
     rows: list[dict], columns: Callable[[list[int]], list[dict]], advance: Callable[[], None]
 ) -> list[dict]:
-    """Update `rows` one state at a time with `columns(indices of that state's rows)`."""
-    for group in prompt_groups([r["prompt_ids"] for r in rows]):
-        for i, values in zip(group, columns(group), strict=True):
+    """Update `rows` with `columns(indices)` over batches of whole states: states of similar prompt
+    length together, at most ACTIONS_PER_PASS actions a batch, so that one pass of each network
+    serves several prompts (a GPU needs the batch; a CPU gains little, docs/design.md §6)."""
+    states = prompt_groups([r["prompt_ids"] for r in rows])
+    lengths = [len(rows[group[0]]["prompt_ids"]) for group in states]
+    sizes = [len(group) for group in states]
+    for batch in length_batches(lengths, ACTIONS_PER_PASS, PROMPT_SLACK, weights=sizes):
+        indices = [i for s in batch for i in states[s]]
+        for i, values in zip(indices, columns(indices), strict=True):
             rows[i].update(values)
             advance()
     return rows
@@ -139,6 +152,7 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
 # old name is still accepted there (deprecated), but older versions know only the old one.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 PROMPT_SLACK = 1.25  # prompts up to 1.25x apart share a pass: at most 20% of its prompt tokens pad
+ACTIONS_PER_PASS = 16  # actions at once outside training (targets, eval's KL): 16 x T x V logits
 
 
 def _forward(

@@ -26,7 +26,7 @@ from pipeline.config import Config
 from pipeline.io import EVAL_REWARDS, EVAL_SAMPLES, read_json, write_atomic, write_json
 from pipeline.models.adapters import load_model
 from pipeline.models.generate import load_sampler, sample, stream_seed
-from pipeline.models.logits import ActionBatch, action_logits
+from pipeline.models.logits import ACTIONS_PER_PASS, ActionBatch, action_logits
 from pipeline.models.tokens import kl_to_reference
 from pipeline.sandbox.executor import Executor
 from pipeline.stats import bootstrap_mean
@@ -35,7 +35,9 @@ from pipeline.tasks.prompts import program, render, state_source
 
 
 @torch.no_grad()
-def mean_kl_to_reference(model, actions: list[tuple[list[int], list[int]]], chunk: int = 16) -> list[float]:
+def mean_kl_to_reference(
+    model, actions: list[tuple[list[int], list[int]]], chunk: int = ACTIONS_PER_PASS
+) -> list[float]:
     """Per (prompt ids, completion ids): the mean over its tokens of KL(pi || rho) over the whole
     vocabulary, 0 for an empty completion. Actions go `chunk` at a time (each chunk's logits are
     chunk x T x V floats), sharing the prompts they have in common."""
