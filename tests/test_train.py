@@ -20,6 +20,7 @@ from pipeline.models.logits import (
     action_hidden,
     action_logits,
     action_logits_and_hidden,
+    fill_by_states,
     length_batches,
 )
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
@@ -281,7 +282,8 @@ def test_dueling_targets_read_the_target_value_head(tiny_base):
 def test_batched_targets_and_stats_equal_each_action_alone(tiny_base):
     """Several states' actions through each network together (each prompt once, the next prompts
     of the bootstrap values together) give the targets and baseline statistics each action gets
-    alone: a state of three samples, one of a prompt of similar length, one of a longer prompt."""
+    alone: a state of three samples, one whose prompt is 1.2x as long (left-padded in the same
+    pass), one of a prompt too long to share it; the states' rows interleaved."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
@@ -293,19 +295,23 @@ def test_batched_targets_and_stats_equal_each_action_alone(tiny_base):
         model.value_head.weight.normal_(0.0, 0.1)
     prompts = [
         tokenizer(text, add_special_tokens=False)["input_ids"]
-        for text in ("def build_model(x, y):\n", "def build_model(a, b):\n", "# fix it\n" * 6)
+        for text in ("def build_model(x, y):\n", "def build_model(x_train, y):\n", "# fix it\n" * 6)
     ]
     bodies = ["    model = 1\n", "    return model\n", "    x = y\n    return x\n", "    pass\n"]
     bodies.append("    y = x\n")
     rows = [
         {"prompt_ids": prompts[s], "completion_ids": tokenizer(b, add_special_tokens=False)["input_ids"]}
         | {"reward": r, "done": r > 0}
-        for s, b, r in zip([0, 0, 0, 1, 2], bodies, [1.0, -1.0, -0.5, -1.0, -0.2], strict=True)
+        for s, b, r in zip([0, 1, 0, 2, 0], bodies, [1.0, -1.0, -0.5, -1.0, -0.2], strict=True)
     ]
     following = [None, prompts[0] + [11, 12], [13], prompts[2], prompts[1] + [14]]
     etpo = defaults("etpo", parametrisation="dueling", lam=0.5)
     together = etpo_targets(model, [dict(r) for r in rows], following, etpo, advance=lambda: None)
-    stats = action_stats(model, rows, values=True)
+
+    def stats_of(batch: list[int]) -> list[dict]:
+        return action_stats(model, [rows[i] for i in batch], values=True)
+
+    stats = fill_by_states([dict(r) for r in rows], stats_of, advance=lambda: None)
     for b, row in enumerate(rows):
         alone_targets = action_targets(model, [row], [following[b]], etpo)[0]
         for name, value in alone_targets.items():

@@ -20,7 +20,7 @@ from pipeline.models.logits import ActionBatch, action_logits, fill_by_states
 
 def _stats(model: PeftModel, batch: ActionBatch, etpo: EtpoConfig) -> TokenStats:
     """Three forward passes (policy, reference, target critic) reduced to per-token scalars."""
-    z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)  # (1, n, V)
+    z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)  # (B, T, V)
     z_target, v_target = critic_outputs(model, batch, "target", etpo)
     return token_stats(
         z_pi, z_rho, z_target, batch.taken, etpo.beta, etpo.parametrisation, etpo.chunk, v_target
