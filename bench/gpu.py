@@ -76,6 +76,7 @@ def main() -> None:
             generate(model, tokenizer, [prompt], 4)  # warm-up
             seconds = [generate(model, tokenizer, [prompt] * b, NEW_TOKENS) for b in args.batches]
             rates = [b * NEW_TOKENS / s for b, s in zip(args.batches, seconds, strict=True)]
+            del model  # each update below attaches adapters to a fresh model
             updates = []
             for minibatch in args.minibatches:
                 etpo_s, sft_s, tokens = update_seconds(build(arch, precision, device), minibatch)
@@ -85,7 +86,6 @@ def main() -> None:
                 f"| {updates[0]} | {updates[1]} |",
                 flush=True,
             )
-            del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
