@@ -9,7 +9,8 @@ they differ from the most common value. Per setting, from each run's eval@0 and 
 (`data/iterations/NNN/eval/rewards.json`, read from the experiment's commit):
 - eval@K: mean reward of the policy after the last update on fresh states, with its interval;
 - gain: eval@K - eval@0, paired sample by sample (all evals draw the same random numbers);
-- vs best_of_n: eval@K minus best_of_n's eval@K at the same seed, sample by sample, and a verdict:
+- vs the reference (best_of_n, or `--reference LABEL`, e.g. "etpo" to pair a tuning with the
+  default): eval@K minus the reference's eval@K at the same seed, sample by sample, and a verdict:
   better / worse when the interval excludes 0, else "cannot tell";
 - KL(pi_K || rho) per token, perplexity change on held-out text, environment steps (means).
 Intervals are 95% percentile bootstraps over seeds, and over samples within each (seed, task)
@@ -109,11 +110,11 @@ def fmt(i: Interval) -> str:
     return f"{i.mean:+.3f} [{i.lo:+.3f}, {i.hi:+.3f}]"
 
 
-def table(groups: dict[str, list[dict]]) -> str:
+def table(groups: dict[str, list[dict]], against: str = REFERENCE) -> str:
     """One markdown row per setting; rewards are (seed, tasks, samples) arrays."""
-    reference = {r["seed"]: r["eval_K"] for label, runs in groups.items() if label == REFERENCE for r in runs}
+    reference = {r["seed"]: r["eval_K"] for r in groups.get(against, [])}
     lines = [
-        "| setting | seeds | eval@K | gain over eval@0 | vs best_of_n (same seeds) | verdict "
+        f"| setting | seeds | eval@K | gain over eval@0 | vs {against} (same seeds) | verdict "
         "| KL to ref | perplexity | env steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -121,27 +122,27 @@ def table(groups: dict[str, list[dict]]) -> str:
         eval_k = np.stack([r["eval_K"] for r in runs])
         gain = np.stack([r["eval_K"] - r["eval_0"] for r in runs])
         paired = [r["eval_K"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
-        if label == REFERENCE or not paired:
-            against, word = "-", "-"
+        if label == against or not paired:
+            difference, word = "-", "-"
         else:
             diff = bootstrap_mean(np.stack(paired))
-            against, word = fmt(diff), verdict(diff)
+            difference, word = fmt(diff), verdict(diff)
         mean = {k: statistics.fmean(r["summary"].get(k, float("nan")) for r in runs) for k in SHOWN}
         lines.append(
             f"| {label} | {len(runs)} | {fmt(bootstrap_mean(eval_k))} | {fmt(bootstrap_mean(gain))} "
-            f"| {against} | {word} | {mean['kl_ref']:.4f} | {mean['perplexity_change']:+.2%} "
+            f"| {difference} | {word} | {mean['kl_ref']:.4f} | {mean['perplexity_change']:+.2%} "
             f"| {mean['env_steps']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def power_note(groups: dict[str, list[dict]]) -> str:
+def power_note(groups: dict[str, list[dict]], against: str = REFERENCE) -> str:
     """How many eval samples per task a paired difference of 0.05 in mean reward would need."""
-    reference = {r["seed"]: r["eval_K"] for r in groups.get(REFERENCE, [])}
+    reference = {r["seed"]: r["eval_K"] for r in groups.get(against, [])}
     diffs = [
         r["eval_K"] - reference[r["seed"]]
         for label, runs in groups.items()
-        if label != REFERENCE
+        if label != against
         for r in runs
         if r["seed"] in reference
     ]
@@ -152,7 +153,7 @@ def power_note(groups: dict[str, list[dict]]) -> str:
     n_tasks = per_task.shape[0] // len(diffs)
     total = samples_needed(sd, 0.05)
     return (
-        f"\nsd of per-sample paired differences against {REFERENCE}: {sd:.3f}; a difference of 0.05 in "
+        f"\nsd of per-sample paired differences against {against}: {sd:.3f}; a difference of 0.05 in "
         f"mean reward needs ~{total} paired samples (80% power, 5% level), ~{-(-total // n_tasks)} per task "
         f"over {n_tasks} tasks, pooled over seeds."
     )
@@ -164,6 +165,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="saved `dvc exp show --json` output (default: run it)")
     parser.add_argument("--by-name", action="store_true", help="one row per experiment, not per setting")
+    parser.add_argument("--reference", help=f"the setting label paired against (default: {REFERENCE})")
     args = parser.parse_args()
     text = (
         args.json.read_text()
@@ -185,8 +187,11 @@ def main() -> None:
                 "summary": exp["summary"],
             }
         )
-    print(table(groups))
-    print(power_note(groups))
+    if args.reference and args.reference not in groups:
+        raise SystemExit(f"compare.py: no setting labelled {args.reference!r}; there are {sorted(groups)}")
+    against = args.reference or REFERENCE
+    print(table(groups, against))
+    print(power_note(groups, against))
 
 
 if __name__ == "__main__":

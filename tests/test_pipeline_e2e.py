@@ -218,16 +218,26 @@ def test_each_baseline_runs_two_iterations(repo_copy, algo, seed):
     assert (trained.read_bytes() == start.read_bytes()) == (algo == "best_of_n")
 
 
+def table_rows(out: str) -> dict[str, list[str]]:
+    """compare.py's markdown table, by setting label: the cells of each row."""
+    return {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+
+
 def test_compare_prints_intervals_and_verdicts(repo_copy):
     compare = REPO / "bench" / "compare.py"
     out = run([sys.executable, str(compare)], repo_copy)
-    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    rows = table_rows(out)
     assert {"etpo", "ppo", "grpo", "best_of_n"} <= set(rows), out + run(["dvc", "exp", "show"], repo_copy)
     assert rows["best_of_n"][2].strip() == "2" and rows["ppo"][2].strip() == "2"  # seeds 0 and 1
     assert rows["ppo"][6].strip() in ("better", "worse", "cannot tell")
     assert "[" in rows["ppo"][3] and "[" in rows["ppo"][5]  # intervals
     by_name = run([sys.executable, str(compare), "--by-name"], repo_copy)
     assert len([line for line in by_name.splitlines() if line.startswith("| ")]) >= 1 + 5
+    rows = table_rows(run([sys.executable, str(compare), "--reference", "ppo"], repo_copy))
+    assert "vs ppo" in rows["setting"][5] and rows["ppo"][5].strip() == "-"
+    assert "[" in rows["best_of_n"][5]  # best_of_n is now the one paired against ppo, at seeds 0 and 1
+    with pytest.raises(AssertionError, match="no setting labelled 'dqn'"):
+        run([sys.executable, str(compare), "--reference", "dqn"], repo_copy)
 
 
 def test_exp_show_summary_fits_120_columns(repo_copy):
