@@ -19,6 +19,29 @@ from pipeline.etpo.bellman import Parametrisation, q_values
 from pipeline.models.tokens import masked_mean
 
 
+def taken_q(
+    z_critic: Tensor,
+    ref_logit: Tensor,
+    ref_logprob: Tensor,
+    taken: Tensor,
+    beta: float,
+    parametrisation: Parametrisation,
+    v: Tensor | None = None,
+) -> Tensor:
+    """(B, T) the critic's Q at the taken tokens: `q_values` there, without a reference pass.
+
+    z_critic: (B, T, V); taken, v (the dueling critic's state values): (B, T). The reference
+    enters only through z_rho(w) and log rho(w) (ref_logit, ref_logprob: (B, T), stored by the
+    targets stage); the dueling form also needs the critic's own normaliser, logsumexp z_critic.
+    """
+    z = z_critic.float()
+    z_taken = z.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+    if parametrisation == "dueling":
+        return v.float() + beta * (z_taken - z.logsumexp(-1) - ref_logprob)
+    # elementwise in the logits: residual beta (z_critic - z_rho)(w), paper z_critic(w)
+    return q_values(z_taken, ref_logit, beta, parametrisation)
+
+
 def critic_loss(
     z_critic: Tensor,
     ref_logit: Tensor,
@@ -31,19 +54,9 @@ def critic_loss(
     parametrisation: Parametrisation,
     v: Tensor | None = None,
 ) -> Tensor:
-    """Huber loss of the critic's Q at the taken tokens against the (constant) targets.
-
-    z_critic: (B, T, V); taken, targets, mask, v (the dueling critic's state values): (B, T).
-    Q(w) = `q_values` at the taken token, where the reference enters only through z_rho(w) and
-    log rho(w) (ref_logit, ref_logprob: (B, T), stored by the targets stage), so no reference pass
-    is needed; the dueling form also needs the critic's own normaliser, logsumexp z_critic.
-    """
-    z = z_critic.float()
-    z_taken = z.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
-    if parametrisation == "dueling":
-        q_taken = v.float() + beta * (z_taken - z.logsumexp(-1) - ref_logprob)
-    else:  # elementwise in the logits: residual beta (z_critic - z_rho)(w), paper z_critic(w)
-        q_taken = q_values(z_taken, ref_logit, beta, parametrisation)
+    """Huber loss of the critic's Q at the taken tokens (`taken_q`) against the (constant) targets;
+    targets and mask: (B, T)."""
+    q_taken = taken_q(z_critic, ref_logit, ref_logprob, taken, beta, parametrisation, v)
     per_token = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=delta)
     return masked_mean(per_token, mask)
 

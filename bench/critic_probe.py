@@ -1,0 +1,87 @@
+"""Where does the critic's fit go? Probe the critic after train@k on targets@k's actions.
+
+    python bench/critic_probe.py data/iterations/003/targets.parquet data/iterations/003/adapters
+
+For the actions that ran and those that failed separately, per token: the target y, the critic's
+Q at the taken token, and (dueling) how Q splits into the state value V_psi and
+beta log(pi_c / rho)(w), the part the policy is pulled toward (pi_star = pi_c = softmax z_critic).
+A critic that fits by V_psi leaves pi_c near rho; one that fits by the log-ratio moves pi_c, and
+the room it has to do so is one-sided: log(pi_c / rho)(w) <= -log rho(w), near 0 at a confident
+token, but unbounded below. `--params` must be the run's (`git show EXP:params.yaml > FILE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.config import load_config
+from pipeline.etpo.losses import taken_q
+from pipeline.etpo.train import critic_outputs
+from pipeline.io import read_trajectories
+from pipeline.models.adapters import load_model
+from pipeline.models.logits import ActionBatch, per_token
+
+COLUMNS = ("y", "q", "v", "logratio", "log_rho")
+
+
+def probe(model, rows: list[dict], config) -> dict[str, np.ndarray]:
+    """Per-token arrays over `rows`, one per name in COLUMNS (the actions' tokens, concatenated)."""
+    etpo, found = config.etpo, {c: [] for c in COLUMNS}
+    with torch.no_grad():
+        for start in range(0, len(rows), 4):
+            chunk = rows[start : start + 4]
+            batch = ActionBatch.build([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
+            batch = batch.to(model.device)
+            z, v = critic_outputs(model, batch, "critic", etpo)
+            ref_logit, log_rho = per_token(chunk, "ref_logit", batch), per_token(chunk, "ref_logprob", batch)
+            q = taken_q(z, ref_logit, log_rho, batch.taken, etpo.beta, etpo.parametrisation, v)
+            log_pi_c = z.log_softmax(-1).gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
+            values = {
+                "y": per_token(chunk, "q_target", batch),
+                "q": q,
+                "v": v if v is not None else torch.zeros_like(q),
+                "logratio": log_pi_c - log_rho,
+                "log_rho": log_rho,
+            }
+            mask = batch.mask.bool()
+            for name, value in values.items():
+                found[name].append(value[mask].cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("targets", type=Path, help="targets@k (its own iteration's actions are probed)")
+    parser.add_argument("adapters", type=Path, help="train@k's adapters folder")
+    parser.add_argument("--base", type=Path, default=Path("data/models/warm"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    config = load_config(args.params)
+    frame = pl.from_arrow(read_trajectories(args.targets, "targets"))
+    frame = frame.filter(pl.col("iteration") == frame["iteration"].max())  # not replayed actions
+    model, _ = load_model(config, args.base, args.adapters)
+    beta = config.etpo.beta
+    print(f"{config.etpo.parametrisation} critic, beta {beta}; means per token, and the 5th percentile (p5)")
+    print("| actions | n | tokens | target y | Q | V_psi | beta log(pi_c/rho) | its p5 | -log rho |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = pl.col("reward") <= -1
+    for label, part in (("ran", frame.filter(~failed)), ("failed", frame.filter(failed))):
+        if part.is_empty():
+            continue
+        t = probe(model, part.to_dicts(), config)
+        print(
+            f"| {label} | {part.height} | {len(t['y'])} | {t['y'].mean():+.3f} | {t['q'].mean():+.3f} "
+            f"| {t['v'].mean():+.3f} | {beta * t['logratio'].mean():+.3f} "
+            f"| {beta * np.percentile(t['logratio'], 5):+.3f} | {-t['log_rho'].mean():.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
