@@ -8,6 +8,11 @@ beta log(pi_c / rho)(w), the part the policy is pulled toward (pi_star = pi_c = 
 A critic that fits by V_psi leaves pi_c near rho; one that fits by the log-ratio moves pi_c, and
 the room it has to do so is one-sided: log(pi_c / rho)(w) <= -log rho(w), near 0 at a confident
 token, but unbounded below. `--params` must be the run's (`git show EXP:params.yaml > FILE`).
+
+`--credit FILE` writes the probed actions as a targets table whose `advantage` is this critic's,
+beta log(pi_c / rho)(w) = Q(w) - V (pi_star = softmax z_critic in every parametrisation), so
+`etpo credit FILE --png` shows where the update itself pushes, token by token. The targets
+file's own `advantage` comes from the target critic before train@k and cannot show that.
 """
 
 from __future__ import annotations
@@ -22,15 +27,15 @@ import torch
 from pipeline.config import load_config
 from pipeline.etpo.losses import taken_q
 from pipeline.etpo.train import critic_outputs
-from pipeline.io import read_trajectories
+from pipeline.io import read_trajectories, trajectory_metadata, write_trajectories
 from pipeline.models.adapters import load_model
 from pipeline.models.logits import ActionBatch, per_token
 
 COLUMNS = ("y", "q", "v", "logratio", "log_rho")
 
 
-def probe(model, rows: list[dict], config) -> dict[str, np.ndarray]:
-    """Per-token arrays over `rows`, one per name in COLUMNS (the actions' tokens, concatenated)."""
+def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
+    """Per-token arrays, one per row of `rows`, for each name in COLUMNS."""
     etpo, found = config.etpo, {c: [] for c in COLUMNS}
     with torch.no_grad():
         for start in range(0, len(rows), 4):
@@ -50,8 +55,8 @@ def probe(model, rows: list[dict], config) -> dict[str, np.ndarray]:
             }
             mask = batch.mask.bool()
             for name, value in values.items():
-                found[name].append(value[mask].cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in found.items()}
+                found[name] += [value[i][mask[i]].cpu().numpy() for i in range(len(chunk))]
+    return found
 
 
 def main() -> None:
@@ -62,9 +67,11 @@ def main() -> None:
     parser.add_argument("adapters", type=Path, help="train@k's adapters folder")
     parser.add_argument("--base", type=Path, default=Path("data/models/warm"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--credit", type=Path, help="write the actions with this critic's advantage here")
     args = parser.parse_args()
     config = load_config(args.params)
-    frame = pl.from_arrow(read_trajectories(args.targets, "targets"))
+    table = read_trajectories(args.targets, "targets")
+    frame = pl.from_arrow(table)
     frame = frame.filter(pl.col("iteration") == frame["iteration"].max())  # not replayed actions
     model, _ = load_model(config, args.base, args.adapters)
     beta = config.etpo.beta
@@ -75,12 +82,18 @@ def main() -> None:
     for label, part in (("ran", frame.filter(~failed)), ("failed", frame.filter(failed))):
         if part.is_empty():
             continue
-        t = probe(model, part.to_dicts(), config)
+        t = {name: np.concatenate(rows) for name, rows in probe(model, part.to_dicts(), config).items()}
         print(
             f"| {label} | {part.height} | {len(t['y'])} | {t['y'].mean():+.3f} | {t['q'].mean():+.3f} "
             f"| {t['v'].mean():+.3f} | {beta * t['logratio'].mean():+.3f} "
             f"| {beta * np.percentile(t['logratio'], 5):+.3f} | {-t['log_rho'].mean():.3f} |"
         )
+    if args.credit:
+        rows = frame.to_dicts()
+        for row, logratio in zip(rows, probe(model, rows, config)["logratio"], strict=True):
+            row["advantage"] = (beta * logratio).tolist()
+        write_trajectories(args.credit, rows, "targets", trajectory_metadata(table))
+        print(f"{len(rows)} actions with this critic's advantage -> {args.credit}")
 
 
 if __name__ == "__main__":
