@@ -57,10 +57,10 @@ def experiments(shown: object) -> list[dict]:
                 walk(value)
 
     walk(shown)
-    unique = {e["name"]: e for e in found}
-    if len(unique) > 1:
-        unique.pop("workspace", None)  # it repeats the last experiment applied
-    return list(unique.values())
+    committed = [e for e in found if e["rev"] != "workspace"]
+    # the workspace repeats the last experiment applied, and an experiment still running shows the
+    # workspace's files under its own name: neither is a finished run when committed ones exist
+    return list({e["name"]: e for e in committed or found}.values())
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, object]:
