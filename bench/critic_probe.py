@@ -9,10 +9,11 @@ A critic that fits by V_psi leaves pi_c near rho; one that fits by the log-ratio
 the room it has to do so is one-sided: log(pi_c / rho)(w) <= -log rho(w), near 0 at a confident
 token, but unbounded below. `--params` must be the run's (`git show EXP:params.yaml > FILE`).
 
-`--credit FILE` writes the probed actions as a targets table whose `advantage` is this critic's,
-beta log(pi_c / rho)(w) = Q(w) - V (pi_star = softmax z_critic in every parametrisation), so
-`etpo credit FILE --png` shows where the update itself pushes, token by token. The targets
-file's own `advantage` comes from the target critic before train@k and cannot show that.
+`--credit FILE` (residual and dueling, whose pi_star = pi_c = softmax z_critic) writes the probed
+actions as a targets table whose `advantage` is this critic's beta log(pi_c / rho)(w), that is
+Q(w) - beta log E_rho exp(Q / beta), so `etpo credit FILE --png` shows where the update itself
+pushes, token by token. Only `advantage` is replaced (q_taken, soft_value and kl_ref stay the
+targets file's). The targets file's own `advantage` comes from the target critic before train@k.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--credit", type=Path, help="write the actions with this critic's advantage here")
     args = parser.parse_args()
     config = load_config(args.params)
+    if args.credit and config.etpo.parametrisation == "paper":
+        raise SystemExit("critic_probe.py: --credit needs pi_star = softmax(z_critic) (residual or dueling)")
     table = read_trajectories(args.targets, "targets")
     frame = pl.from_arrow(table)
     frame = frame.filter(pl.col("iteration") == frame["iteration"].max())  # not replayed actions

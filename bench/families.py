@@ -32,11 +32,14 @@ def experiments() -> dict[str, str]:
         text=True,
         check=True,
     ).stdout.split("\n")
-    return {
-        ref.rsplit("/", 1)[1]: rev
-        for ref, rev in (line.split() for line in refs if line)
-        if "/exec/" not in ref
-    }
+    found: dict[str, str] = {}
+    for ref, rev in (line.split() for line in refs if line):
+        parts = ref.split("/")  # refs/exps/<baseline sha in two parts>/<name>; others are DVC's own
+        if len(parts) != 5 or parts[2] in ("exec", "celery"):
+            continue
+        name = parts[4] if parts[4] not in found else f"{parts[4]}@{parts[2]}{parts[3][:5]}"
+        found[name] = rev
+    return found
 
 
 def read(path: str, rev: str) -> pl.DataFrame:

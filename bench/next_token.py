@@ -49,7 +49,9 @@ def main() -> None:
     before, _ = load_model(config, args.base, args.before)
     for row in rows:
         ids = row["completion_ids"]
-        j = next(n for n in range(1, len(ids) + 1) if args.marker in tokenizer.decode(ids[:n]))
+        j = next((n for n in range(1, len(ids)) if args.marker in tokenizer.decode(ids[:n])), None)
+        if j is None:  # the marker ends the action, or only the detokenised text contains it
+            continue
         batch = ActionBatch.build([row["prompt_ids"]], [ids])
         with torch.no_grad():
             logits = {
