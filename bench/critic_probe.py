@@ -81,19 +81,21 @@ def main() -> None:
     print(f"{config.etpo.parametrisation} critic, beta {beta}; means per token, and the 5th percentile (p5)")
     print("| actions | n | tokens | target y | Q | V_psi | beta log(pi_c/rho) | its p5 | -log rho |")
     print("|---|---|---|---|---|---|---|---|---|")
-    failed = pl.col("reward") <= -1
-    for label, part in (("ran", frame.filter(~failed)), ("failed", frame.filter(failed))):
-        if part.is_empty():
+    rows = frame.to_dicts()
+    per_row = probe(model, rows, config)  # once for all actions: the table splits it, --credit writes it
+    failed = (frame["reward"] <= -1).to_list()
+    for label, wanted in (("ran", False), ("failed", True)):
+        picked = [i for i, f in enumerate(failed) if f == wanted]
+        if not picked:
             continue
-        t = {name: np.concatenate(rows) for name, rows in probe(model, part.to_dicts(), config).items()}
+        t = {name: np.concatenate([arrays[i] for i in picked]) for name, arrays in per_row.items()}
         print(
-            f"| {label} | {part.height} | {len(t['y'])} | {t['y'].mean():+.3f} | {t['q'].mean():+.3f} "
+            f"| {label} | {len(picked)} | {len(t['y'])} | {t['y'].mean():+.3f} | {t['q'].mean():+.3f} "
             f"| {t['v'].mean():+.3f} | {beta * t['logratio'].mean():+.3f} "
             f"| {beta * np.percentile(t['logratio'], 5):+.3f} | {-t['log_rho'].mean():.3f} |"
         )
     if args.credit:
-        rows = frame.to_dicts()
-        for row, logratio in zip(rows, probe(model, rows, config)["logratio"], strict=True):
+        for row, logratio in zip(rows, per_row["logratio"], strict=True):
             row["advantage"] = (beta * logratio).tolist()
         write_trajectories(args.credit, rows, "targets", trajectory_metadata(table))
         print(f"{len(rows)} actions with this critic's advantage -> {args.credit}")

@@ -75,15 +75,14 @@ def main() -> None:
     for name in args.names or sorted(found):
         rev = found[name]
         params = yaml.safe_load(dvc.api.read("params.yaml", rev=rev))
-        last = sorted(params["iterations"])[-1]
-        stages = [
-            (f"sample@{int(k)}", read(SAMPLES["train"].format(k=k), rev))
-            for k in sorted(params["iterations"])
+        iterations = sorted(int(k) for k in params["iterations"])
+        stages = [  # each iteration's own actions, not the ones ETPO replays
+            (f"sample@{k}", read(SAMPLES["train"].format(k=f"{k:03d}"), rev).filter(pl.col("iteration") == k))
+            for k in iterations
         ]
-        stages = [
-            (s, f.filter(pl.col("iteration") == int(s.split("@")[1]))) for s, f in stages
-        ]  # not replayed
-        stages += [(f"eval@{k}", read(SAMPLES["eval"].format(k=f"{k:03d}"), rev)) for k in (0, int(last))]
+        stages += [
+            (f"eval@{k}", read(SAMPLES["eval"].format(k=f"{k:03d}"), rev)) for k in (0, iterations[-1])
+        ]
         for stage, frame in stages:
             ran = (frame["status"] == "ok").mean()
             print(f"| {name} | {stage} | {frame.height} | {ran:.0%} | {families(frame, args.top)} |")
