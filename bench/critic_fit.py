@@ -5,7 +5,9 @@
 The targets are constants, so this isolates the critic's optimisation from the rest of ETPO:
 from which adapters it starts (`--start`; fresh ones by default), at which rate, with or without
 the Adam state saved beside them, with its value head reset, or with every target replaced by one
-constant (`--constant C`: the exact dueling fit is then V_psi = C and log(pi_c / rho) = 0).
+constant (`--constant C`: the exact dueling fit is then V_psi = C and log(pi_c / rho) = 0; the
+exact residual fit is a shift of every logit by C / beta, which also leaves pi_c = rho, so any
+move of pi_c away from rho is an artefact of fitting taken tokens only), at another `--beta`.
 Minibatches of `train.minibatch_size` actions drawn at random, `train.grad_clip` as in training.
 """
 
@@ -19,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from critic_probe import probe
+from critic_probe import describe_moved, moved, probe
 
 from pipeline.config import load_config
-from pipeline.etpo.losses import critic_loss
-from pipeline.etpo.train import critic_outputs
+from pipeline.etpo.train import critic_objective
 from pipeline.io import read_trajectories
 from pipeline.models.adapters import load_model
 from pipeline.models.logits import ActionBatch, per_token
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--zero-head", action="store_true", help="reset the critic's value head to 0")
     parser.add_argument("--constant", type=float, help="fit this constant at every token instead")
     parser.add_argument("--critic-lr", type=float, help="instead of train.critic_lr")
+    parser.add_argument("--beta", type=float, help="instead of etpo.beta")
+    parser.add_argument("--anchor", type=float, help="instead of etpo.untaken_anchor")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--base", type=Path, default=Path("data/models/warm"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -48,6 +51,9 @@ def main() -> None:
     if args.critic_lr is not None:
         train = dataclasses.replace(config.train, critic_lr=args.critic_lr)
         config = dataclasses.replace(config, train=train)
+    for key, value in (("beta", args.beta), ("untaken_anchor", args.anchor)):
+        if value is not None:
+            config = dataclasses.replace(config, etpo=dataclasses.replace(config.etpo, **{key: value}))
     frame = pl.from_arrow(read_trajectories(args.targets, "targets"))
     rows = frame.filter(pl.col("iteration") == frame["iteration"].max()).to_dicts()
     etpo, train = config.etpo, config.train
@@ -68,33 +74,24 @@ def main() -> None:
         y = per_token(chunk, "q_target", batch)
         if args.constant is not None:
             y = torch.full_like(y, args.constant) * batch.mask
-        z, v = critic_outputs(model, batch, "critic", etpo)
         ref_logit, ref_logprob = per_token(chunk, "ref_logit", batch), per_token(chunk, "ref_logprob", batch)
-        loss = critic_loss(
-            z,
-            ref_logit,
-            ref_logprob,
-            batch.taken,
-            y,
-            batch.mask,
-            etpo.beta,
-            etpo.huber_delta,
-            etpo.parametrisation,
-            v,
-        )
+        loss, _, _ = critic_objective(model, batch, y, ref_logit, ref_logprob, etpo)
         critic.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         critic.step()
     model.eval()
-    found = probe(model, rows, config)
+    found = {name: np.concatenate(per_row) for name, per_row in probe(model, rows, config).items()}
     ratio = found["logratio"]
     print(
-        f"{etpo.parametrisation} critic, {args.steps} steps at lr {train.critic_lr:g} from "
+        f"{etpo.parametrisation} critic, beta {etpo.beta:g}, untaken anchor {etpo.untaken_anchor:g}, "
+        f"{args.steps} steps at lr "
+        f"{train.critic_lr:g} from "
         f"{args.start or 'fresh adapters'}{' (Adam carried)' if args.carry_adam else ''}"
-        f"{' (head zeroed)' if args.zero_head else ''}: V_psi mean {found['v'].mean():+.3f}, "
+        f"{' (head zeroed)' if args.zero_head else ''}: target mean {found['y'].mean():+.3f}, Q mean "
+        f"{found['q'].mean():+.3f}, V_psi mean {found['v'].mean():+.3f}, "
         f"log(pi_c/rho) of taken tokens mean {ratio.mean():+.2f} nats, 5th percentile "
-        f"{np.percentile(ratio, 5):+.2f}"
+        f"{np.percentile(ratio, 5):+.2f}; " + describe_moved(moved(model, rows))
     )
 
 

@@ -30,9 +30,10 @@ from pipeline.etpo.losses import taken_q
 from pipeline.etpo.train import critic_outputs
 from pipeline.io import read_trajectories, trajectory_metadata, write_trajectories
 from pipeline.models.adapters import load_model
-from pipeline.models.logits import ActionBatch, per_token
+from pipeline.models.logits import ActionBatch, action_logits, per_token
 
 COLUMNS = ("y", "q", "v", "logratio", "log_rho")
+MOVES = ("kl", "top_moved", "top_untaken")
 
 
 def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
@@ -58,6 +59,42 @@ def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
             for name, value in values.items():
                 found[name] += [value[i][mask[i]].cpu().numpy() for i in range(len(chunk))]
     return found
+
+
+def moved(model, rows: list[dict]) -> dict[str, np.ndarray]:
+    """Where pi_c = softmax(z_critic) moved away from rho over the whole vocabulary, per position.
+
+    `kl`: KL(pi_c || rho) in nats; `top_moved`: pi_c's most likely token is not rho's;
+    `top_untaken`: and it is not the token taken there either, so no loss term at this position
+    asked for it. The taken-token probe (`probe`) cannot see either.
+    """
+    found = {name: [] for name in MOVES}
+    with torch.no_grad():
+        for start in range(0, len(rows), 4):
+            chunk = rows[start : start + 4]
+            batch = ActionBatch.build([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
+            batch = batch.to(model.device)
+            logp_c = action_logits(model, batch, "critic").float().log_softmax(-1)
+            logp_rho = action_logits(model, batch, None).float().log_softmax(-1)
+            top_c, top_rho = logp_c.argmax(-1), logp_rho.argmax(-1)
+            values = {
+                "kl": (logp_c.exp() * (logp_c - logp_rho)).sum(-1),
+                "top_moved": (top_c != top_rho).float(),
+                "top_untaken": ((top_c != top_rho) & (top_c != batch.taken)).float(),
+            }
+            mask = batch.mask.bool()
+            for name, value in values.items():
+                found[name].append(value[mask].cpu().numpy())
+    return {name: np.concatenate(arrays) for name, arrays in found.items()}
+
+
+def describe_moved(found: dict[str, np.ndarray]) -> str:
+    kl = found["kl"]
+    return (
+        f"KL(pi_c || rho) per token mean {kl.mean():.3f} nats (p95 {np.percentile(kl, 95):.3f}); "
+        f"top token moved at {found['top_moved'].mean():.1%} of positions, "
+        f"to an untaken token at {found['top_untaken'].mean():.1%}"
+    )
 
 
 def main() -> None:
@@ -94,6 +131,7 @@ def main() -> None:
             f"| {t['v'].mean():+.3f} | {beta * t['logratio'].mean():+.3f} "
             f"| {beta * np.percentile(t['logratio'], 5):+.3f} | {-t['log_rho'].mean():.3f} |"
         )
+    print("whole vocabulary: " + describe_moved(moved(model, rows)))
     if args.credit:
         for row, logratio in zip(rows, per_row["logratio"], strict=True):
             row["advantage"] = (beta * logratio).tolist()

@@ -150,6 +150,9 @@ class EtpoConfig:
     """Train on the actions of the last M iterations, their targets recomputed under the current
     networks (1: this iteration's only). More updates per environment step, as soft Q-learning
     allows; the train stage's time grows with M."""
+    untaken_anchor: float = field(metadata=_range(0.0, 1e6))
+    """Weight of KL(target critic || critic) over the tokens not taken, in the critic loss: holds
+    what the fit at taken tokens drags along (docs/design.md §1). 0: off, and no extra pass."""
 
 
 @dataclass(frozen=True)

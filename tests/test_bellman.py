@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.etpo.bellman import q_targets, q_values, token_stats
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
+from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, untaken_kl
 
 
 def loop_q(zt, zr, v, beta, param):
@@ -142,10 +142,38 @@ def soft_optimum(rho_logits, reward, L, V, beta):
     return pi_star
 
 
+def test_the_untaken_anchor_sees_only_the_tokens_not_taken():
+    """KL(anchor || critic) over the untaken tokens, renormalised: 0 whatever the critic does to the
+    taken token or to every logit at once; the plain KL by hand when an untaken token moves; and no
+    gradient reaches the taken token's logit, so the anchor never opposes the fit of Q there."""
+    gen = torch.Generator().manual_seed(3)
+    z_anchor = torch.randn(2, 4, 7, generator=gen)
+    taken = torch.randint(0, 7, (2, 4), generator=gen)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    shifted = z_anchor + torch.randn(2, 4, 1, generator=gen) + 5.0 * F.one_hot(taken, 7)
+    assert untaken_kl(shifted, z_anchor, taken, mask).abs() < 1e-6
+
+    w = int(taken[0, 0] + 1) % 7
+    moved = z_anchor.clone()
+    moved[0, 0, w] += 2.0
+    moved.requires_grad_(True)
+    got = untaken_kl(moved, z_anchor, taken, mask)
+    keep = [u for u in range(7) if u != taken[0, 0]]
+    p, q = z_anchor[0, 0, keep].log_softmax(-1), moved[0, 0, keep].detach().log_softmax(-1)
+    want = (p.exp() * (p - q)).sum() / mask.sum()  # the other 4 valid positions contribute 0
+    assert got > 0 and torch.allclose(got, want, atol=1e-6)
+    got.backward()
+    assert torch.isfinite(moved.grad).all()
+    assert (moved.grad.gather(-1, taken[..., None]) == 0).all()
+    assert moved.grad[0, 0, w] > 0  # raising the moved token further would raise the KL
+
+
+@pytest.mark.parametrize("anchor", [0.0, 1.0])
 @pytest.mark.parametrize("param", ["residual", "dueling"])
 @pytest.mark.parametrize("L", [2, 3])
-def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L, param):
-    """Tabular ETPO (targets, Huber critic, KL projection, Polyak) reaches pi* at every prefix."""
+def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L, param, anchor):
+    """Tabular ETPO (targets, Huber critic, KL projection, Polyak) reaches pi* at every prefix; the
+    untaken anchor (against the target critic) does not move that fixed point."""
     V, beta, tau = 3, 0.5, 0.05
     gen = torch.Generator().manual_seed(L)
     prefixes = [p for d in range(L) for p in itertools.product(range(V), repeat=d)]
@@ -173,6 +201,7 @@ def test_etpo_converges_to_the_soft_optimal_policy_on_a_token_mdp(L, param):
             y = q_targets(stats.soft_value, stats.logratio_taken, lengths, rewards, done, boot, 1.0, beta)
         ref = (stats.ref_logit, stats.ref_logprob)  # what the targets stage stores of rho
         loss = critic_loss(critic[rows], *ref, taken, y, mask, beta, 1.0, param, v[rows])
+        loss = loss + anchor * untaken_kl(critic[rows], target[rows], taken, mask)
         loss = loss + policy_loss(policy[rows], critic[rows], mask, beta, param)
         opt.zero_grad()
         loss.backward()

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from pipeline.algorithms import update_for
 from pipeline.baselines.targets import action_stats
+from pipeline.etpo.losses import untaken_kl
 from pipeline.etpo.targets import action_targets, etpo_targets
-from pipeline.etpo.train import etpo_update
+from pipeline.etpo.train import critic_objective, etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
 from pipeline.models.base import load_base
 from pipeline.models.logits import (
@@ -22,6 +23,7 @@ from pipeline.models.logits import (
     action_logits_and_hidden,
     fill_by_states,
     length_batches,
+    per_token,
 )
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from pipeline.stages.policy_eval import mean_kl_to_reference
@@ -95,6 +97,40 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
         assert 0 < (v_target - v).abs().sum() < v.abs().sum()
     else:
         assert v.abs().sum() == 0 == v_target.abs().sum()
+
+
+def critic_after(model, rows, etpo):
+    """The critic's untaken_kl against rho (the target starts there, and tau 0 keeps it) and its
+    Huber loss at the taken tokens, over `rows`, after training."""
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+    y, ref_logit, ref_logprob = (per_token(rows, k, batch) for k in ("q_target", "ref_logit", "ref_logprob"))
+    with torch.no_grad():
+        plain = replace(etpo, untaken_anchor=0.0)
+        fit, _, z_critic = critic_objective(model, batch, y, ref_logit, ref_logprob, plain)
+        z_rho = action_logits(model, batch, None)
+    return untaken_kl(z_critic, z_rho, batch.taken, batch.mask).item(), fit.item()
+
+
+def test_the_untaken_anchor_holds_what_the_critic_fit_drags_along(tiny_base):
+    """The same critic steps on the same actions, with and without the anchor: both fit the taken
+    tokens, the anchored critic moves the untaken tokens' distribution less, and only it logs the
+    anchor's KL (the free one runs no target pass)."""
+    moved, fit, logged = {}, {}, {}
+    for alpha in (0.0, 10.0):
+        model, tokenizer = load_base(tiny_base)
+        torch.manual_seed(0)
+        model = attach_adapters(model, defaults("lora", rank=4))
+        rows = rows_for(model, tokenizer, [1.0, -1.0])
+        train = defaults("train", epochs=16, minibatch_size=2, policy_lr=0.0, critic_lr=1e-2)
+        # beta 1: a target of 1 is one nat of logit, which the tiny critic fits in these steps
+        etpo = defaults("etpo", tau=0.0, beta=1.0, untaken_anchor=alpha)
+        logged[alpha] = []
+        train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged[alpha].append)
+        moved[alpha], fit[alpha] = critic_after(model, rows, etpo)
+    assert "train/untaken_kl" not in logged[0.0][-1] and "train/untaken_kl" in logged[10.0][-1]
+    start = logged[0.0][0]["train/critic_loss"]  # Q = 0 everywhere: the same for both
+    assert fit[0.0] < 0.3 * start and fit[10.0] < 0.3 * start, (start, fit)
+    assert moved[10.0] < 0.6 * moved[0.0], moved
 
 
 def body_logprob(model, tokenizer, row):

@@ -1,6 +1,7 @@
 """ETPO losses (docs/design.md §1), as pure functions of logits and per-token targets.
 
     critic:  L_Q  = Huber_delta(Q_phi(w^j) - y_j)                 y_j a constant
+             [+ alpha KL(pi_bar || pi_c) over the tokens not taken    the untaken anchor, §1]
     policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached
     target:  Q_bar <- (1 - tau) Q_bar + tau Q_phi                 on adapter weights
 
@@ -59,6 +60,25 @@ def critic_loss(
     q_taken = taken_q(z_critic, ref_logit, ref_logprob, taken, beta, parametrisation, v)
     per_token = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=delta)
     return masked_mean(per_token, mask)
+
+
+def untaken_kl(z_critic: Tensor, z_anchor: Tensor, taken: Tensor, mask: Tensor) -> Tensor:
+    """KL(anchor || critic) between their softmaxes over the tokens *not* taken, per position;
+    masked mean. z_critic, z_anchor: (B, T, V); taken, mask: (B, T).
+
+    A critic fitted at taken tokens only also moves the tokens nobody took, through the weights
+    they share (bench/RESULTS.md measures it), and pi_star = softmax(z_critic) carries that to the
+    policy. A tabular update of Q(s, a) leaves every other Q(s, w) as it was; this term asks the
+    same of the critic's distribution over the untaken tokens, renormalised without the taken one.
+    It is blind to the taken token's logit and to a shift of all logits at once, so it leaves the
+    fit of Q at the taken token alone (docs/design.md §1, "The untaken anchor").
+    """
+    drop = F.one_hot(taken, z_critic.shape[-1]).bool()
+    logp_anchor = z_anchor.detach().float().masked_fill(drop, float("-inf")).log_softmax(-1)
+    logp_critic = z_critic.float().masked_fill(drop, float("-inf")).log_softmax(-1)
+    log_ratio = (logp_anchor - logp_critic).masked_fill(drop, 0.0)  # -inf - -inf at the taken token
+    kl = (logp_anchor.exp() * log_ratio).sum(-1)
+    return masked_mean(kl, mask)
 
 
 def optimal_policy_logits(

@@ -2,6 +2,7 @@
 
 Read top to bottom:
     z_critic = critic logits;   L_Q  = Huber(Q_phi(w^j) - y_j)            -> critic step
+                                     [+ alpha KL(pi_bar || pi_c) off the taken tokens]
     z_pi     = policy logits;   L_pi = KL(pi || pi_star[z_critic])         -> policy step
     target  <- (1 - tau) target + tau critic
 The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
@@ -18,7 +19,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from pipeline.config import EtpoConfig
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update
+from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, untaken_kl
 from pipeline.models.adapters import adapter_parameters
 from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
 from pipeline.models.tokens import entropy, masked_mean
@@ -37,12 +38,20 @@ def critic_outputs(
     return z, head(hidden).squeeze(-1)
 
 
-def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -> dict[str, Tensor]:
-    """Update the critic, policy and target adapters of `model` in place; return per-token means."""
-    batch = mb.batch
-    y = mb.column("q_target")  # (B, T) targets, 0 past each action
-    ref_logit, ref_logprob = mb.column("ref_logit"), mb.column("ref_logprob")  # (B, T), of rho
+def critic_objective(
+    model: PeftModel, batch: ActionBatch, y: Tensor, ref_logit: Tensor, ref_logprob: Tensor, etpo: EtpoConfig
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The critic's loss on one minibatch, its parts to log, and the critic's logits z_critic.
 
+    y, ref_logit, ref_logprob: (B, T), the targets and rho's values at the taken tokens. With
+    `etpo.untaken_anchor` > 0 the loss adds that weight times `untaken_kl` against the target
+    critic, whose logits are read first: the critic's pass is then the last adapter switch
+    before its backward.
+    """
+    z_bar = None
+    if etpo.untaken_anchor > 0:
+        with torch.no_grad():
+            z_bar = action_logits(model, batch, "target")
     # peft's set_adapter (inside action_logits) makes exactly the active adapter trainable
     z_critic, v = critic_outputs(model, batch, "critic", etpo)
     loss_q = critic_loss(
@@ -57,6 +66,20 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
         etpo.parametrisation,
         v,
     )
+    logged = {"train/critic_loss": loss_q}
+    if z_bar is not None:
+        logged["train/untaken_kl"] = anchor = untaken_kl(z_critic, z_bar, batch.taken, batch.mask)
+        loss_q = loss_q + etpo.untaken_anchor * anchor
+    return loss_q, logged, z_critic
+
+
+def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -> dict[str, Tensor]:
+    """Update the critic, policy and target adapters of `model` in place; return per-token means."""
+    batch = mb.batch
+    y = mb.column("q_target")  # (B, T) targets, 0 past each action
+    ref_logit, ref_logprob = mb.column("ref_logit"), mb.column("ref_logprob")  # (B, T), of rho
+
+    loss_q, logged, z_critic = critic_objective(model, batch, y, ref_logit, ref_logprob, etpo)
     step("critic", loss_q)
 
     z_pi = action_logits(model, batch, "policy")
@@ -72,8 +95,7 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     with torch.no_grad():
         logp_pi = z_pi.float().log_softmax(-1)
         logp_taken = logp_pi.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
-        return {
-            "train/critic_loss": loss_q,
+        return logged | {
             "train/policy_loss": loss_pi,
             # log pi/rho of tokens the behaviour policy drew: near KL(pi || rho) while pi stays
             # near that policy (the exact KL is eval's)
