@@ -56,6 +56,8 @@ def main() -> None:
             config = dataclasses.replace(config, etpo=dataclasses.replace(config.etpo, **{key: value}))
     frame = pl.from_arrow(read_trajectories(args.targets, "targets"))
     rows = frame.filter(pl.col("iteration") == frame["iteration"].max()).to_dicts()
+    if args.constant is not None:  # the targets fitted, and probed below
+        rows = [{**r, "q_target": [args.constant] * len(r["q_target"])} for r in rows]
     etpo, train = config.etpo, config.train
     torch.manual_seed(0)
     model, _ = load_model(config, args.base, args.start, trainable=args.start is not None)
@@ -72,8 +74,6 @@ def main() -> None:
         batch = ActionBatch.build([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
         batch = batch.to(model.device)
         y = per_token(chunk, "q_target", batch)
-        if args.constant is not None:
-            y = torch.full_like(y, args.constant) * batch.mask
         ref_logit, ref_logprob = per_token(chunk, "ref_logit", batch), per_token(chunk, "ref_logprob", batch)
         loss, _, _ = critic_objective(model, batch, y, ref_logit, ref_logprob, etpo)
         critic.zero_grad()
@@ -83,13 +83,16 @@ def main() -> None:
     model.eval()
     found = {name: np.concatenate(per_row) for name, per_row in probe(model, rows, config).items()}
     ratio = found["logratio"]
+    fit = torch.nn.functional.huber_loss(
+        torch.from_numpy(found["q"]), torch.from_numpy(found["y"]), delta=etpo.huber_delta
+    )
     print(
         f"{etpo.parametrisation} critic, beta {etpo.beta:g}, untaken anchor {etpo.untaken_anchor:g}, "
         f"{args.steps} steps at lr "
         f"{train.critic_lr:g} from "
         f"{args.start or 'fresh adapters'}{' (Adam carried)' if args.carry_adam else ''}"
         f"{' (head zeroed)' if args.zero_head else ''}: target mean {found['y'].mean():+.3f}, Q mean "
-        f"{found['q'].mean():+.3f}, V_psi mean {found['v'].mean():+.3f}, "
+        f"{found['q'].mean():+.3f}, Huber loss {fit:.3f}, V_psi mean {found['v'].mean():+.3f}, "
         f"log(pi_c/rho) of taken tokens mean {ratio.mean():+.2f} nats, 5th percentile "
         f"{np.percentile(ratio, 5):+.2f}; " + describe_moved(moved(model, rows))
     )
