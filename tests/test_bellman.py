@@ -145,7 +145,7 @@ def soft_optimum(rho_logits, reward, L, V, beta):
 def test_the_untaken_anchor_sees_only_the_tokens_not_taken():
     """KL(anchor || critic) over the untaken tokens, renormalised: 0 whatever the critic does to the
     taken token or to every logit at once; the plain KL by hand when an untaken token moves; and no
-    gradient reaches the taken token's logit, so the anchor never opposes the fit of Q there."""
+    gradient acts on the taken token's logit itself."""
     gen = torch.Generator().manual_seed(3)
     z_anchor = torch.randn(2, 4, 7, generator=gen)
     taken = torch.randint(0, 7, (2, 4), generator=gen)

@@ -100,26 +100,31 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
 
 
 def critic_after(model, rows, etpo):
-    """The critic's untaken_kl against rho (the target starts there, and tau 0 keeps it) and its
-    Huber loss at the taken tokens, over `rows`, after training."""
+    """The critic's untaken_kl against the target critic, and its Huber loss at the taken tokens,
+    over `rows`."""
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     y, ref_logit, ref_logprob = (per_token(rows, k, batch) for k in ("q_target", "ref_logit", "ref_logprob"))
     with torch.no_grad():
+        z_target = action_logits(model, batch, "target")
         plain = replace(etpo, untaken_anchor=0.0)
         fit, _, z_critic = critic_objective(model, batch, y, ref_logit, ref_logprob, plain)
-        z_rho = action_logits(model, batch, None)
-    return untaken_kl(z_critic, z_rho, batch.taken, batch.mask).item(), fit.item()
+    return untaken_kl(z_critic, z_target, batch.taken, batch.mask).item(), fit.item()
 
 
-def test_the_untaken_anchor_holds_what_the_critic_fit_drags_along(tiny_base):
-    """The same critic steps on the same actions, with and without the anchor: both fit the taken
-    tokens, the anchored critic moves the untaken tokens' distribution less, and only it logs the
-    anchor's KL (the free one runs no target pass)."""
+def test_the_untaken_anchor_holds_the_critic_to_the_target_off_the_taken_tokens(tiny_base):
+    """The same critic steps on the same actions, with and without the anchor, and a target
+    critic that differs from the critic, rho and the policy (its weights perturbed; tau 0 keeps
+    it): both fit the taken tokens, only the anchored critic moves its untaken tokens'
+    distribution to the target's, and only it logs the anchor's KL (the free one runs no target
+    pass). An anchor against any other adapter, or against rho, would leave it where it was."""
     moved, fit, logged = {}, {}, {}
     for alpha in (0.0, 10.0):
         model, tokenizer = load_base(tiny_base)
         torch.manual_seed(0)
         model = attach_adapters(model, defaults("lora", rank=4))
+        with torch.no_grad():
+            for p in adapter_parameters(model, "target"):
+                p.add_(0.3 * torch.randn_like(p))
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         train = defaults("train", epochs=16, minibatch_size=2, policy_lr=0.0, critic_lr=1e-2)
         # beta 1: a target of 1 is one nat of logit, which the tiny critic fits in these steps
@@ -130,7 +135,7 @@ def test_the_untaken_anchor_holds_what_the_critic_fit_drags_along(tiny_base):
     assert "train/untaken_kl" not in logged[0.0][-1] and "train/untaken_kl" in logged[10.0][-1]
     start = logged[0.0][0]["train/critic_loss"]  # Q = 0 everywhere: the same for both
     assert fit[0.0] < 0.3 * start and fit[10.0] < 0.3 * start, (start, fit)
-    assert moved[10.0] < 0.6 * moved[0.0], moved
+    assert moved[10.0] < 0.3 * moved[0.0], moved
 
 
 def body_logprob(model, tokenizer, row):

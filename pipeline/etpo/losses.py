@@ -69,11 +69,13 @@ def untaken_kl(z_critic: Tensor, z_anchor: Tensor, taken: Tensor, mask: Tensor) 
     A critic fitted at taken tokens only also moves the tokens nobody took, through the weights
     they share (bench/RESULTS.md measures it), and pi_star = softmax(z_critic) carries that to the
     policy. A tabular update of Q(s, a) leaves every other Q(s, w) as it was; this term asks the
-    same of the critic's distribution over the untaken tokens, renormalised without the taken one.
-    It is blind to the taken token's logit and to a shift of all logits at once, so it leaves the
-    fit of Q at the taken token alone (docs/design.md §1, "The untaken anchor").
+    critic to keep, at least, the *shape* of its distribution over the untaken tokens
+    (renormalised without the taken one), which is what pi_star reads. It is blind to the taken
+    token's logit and to a common shift of the untaken ones, so its gradient never acts on the
+    taken logit itself; through the weights they share it still costs some of the fit there
+    (docs/design.md §1, "The untaken anchor").
     """
-    drop = F.one_hot(taken, z_critic.shape[-1]).bool()
+    drop = torch.zeros_like(z_critic, dtype=torch.bool).scatter_(-1, taken.unsqueeze(-1), True)
     logp_anchor = z_anchor.detach().float().masked_fill(drop, float("-inf")).log_softmax(-1)
     logp_critic = z_critic.float().masked_fill(drop, float("-inf")).log_softmax(-1)
     log_ratio = (logp_anchor - logp_critic).masked_fill(drop, 0.0)  # -inf - -inf at the taken token
