@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from critic_probe import describe_moved, moved, probe
+from critic_probe import describe_moved, probe
 
 from pipeline.config import load_config
 from pipeline.etpo.train import critic_objective
@@ -88,13 +88,12 @@ def main() -> None:
     )
     print(
         f"{etpo.parametrisation} critic, beta {etpo.beta:g}, untaken anchor {etpo.untaken_anchor:g}, "
-        f"{args.steps} steps at lr "
-        f"{train.critic_lr:g} from "
+        f"{args.steps} steps at lr {train.critic_lr:g} from "
         f"{args.start or 'fresh adapters'}{' (Adam carried)' if args.carry_adam else ''}"
         f"{' (head zeroed)' if args.zero_head else ''}: target mean {found['y'].mean():+.3f}, Q mean "
         f"{found['q'].mean():+.3f}, Huber loss {fit:.3f}, V_psi mean {found['v'].mean():+.3f}, "
         f"log(pi_c/rho) of taken tokens mean {ratio.mean():+.2f} nats, 5th percentile "
-        f"{np.percentile(ratio, 5):+.2f}; " + describe_moved(moved(model, rows))
+        f"{np.percentile(ratio, 5):+.2f}; " + describe_moved(found)
     )
 
 

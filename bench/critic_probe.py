@@ -31,13 +31,19 @@ from pipeline.etpo.train import critic_outputs
 from pipeline.io import read_trajectories, trajectory_metadata, write_trajectories
 from pipeline.models.adapters import load_model
 from pipeline.models.logits import ActionBatch, action_logits, per_token
+from pipeline.models.tokens import kl_to_reference
 
-COLUMNS = ("y", "q", "v", "logratio", "log_rho")
-MOVES = ("kl", "top_moved", "top_untaken")
+COLUMNS = ("y", "q", "v", "logratio", "log_rho", "kl", "top_moved", "top_untaken")
 
 
 def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
-    """Per-token arrays, one per row of `rows`, for each name in COLUMNS."""
+    """Per-token arrays, one per row of `rows`, for each name in COLUMNS.
+
+    At the taken token: the target y, Q, V_psi, log(pi_c / rho), log rho. Over the whole
+    vocabulary, where pi_c = softmax(z_critic) moved from rho: `kl`, KL(pi_c || rho) in nats;
+    `top_moved`, pi_c's most likely token is not rho's; `top_untaken`, and it is not the token
+    taken there either, so no loss term at this position asked for it.
+    """
     etpo, found = config.etpo, {c: [] for c in COLUMNS}
     with torch.no_grad():
         for start in range(0, len(rows), 4):
@@ -47,13 +53,18 @@ def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
             z, v = critic_outputs(model, batch, "critic", etpo)
             ref_logit, log_rho = per_token(chunk, "ref_logit", batch), per_token(chunk, "ref_logprob", batch)
             q = taken_q(z, ref_logit, log_rho, batch.taken, etpo.beta, etpo.parametrisation, v)
-            log_pi_c = z.log_softmax(-1).gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
+            logp_c = z.float().log_softmax(-1)
+            logp_rho = action_logits(model, batch, None).float().log_softmax(-1)
+            top_c, top_rho = logp_c.argmax(-1), logp_rho.argmax(-1)
             values = {
                 "y": per_token(chunk, "q_target", batch),
                 "q": q,
                 "v": v if v is not None else torch.zeros_like(q),
-                "logratio": log_pi_c - log_rho,
+                "logratio": logp_c.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1) - log_rho,
                 "log_rho": log_rho,
+                "kl": kl_to_reference(logp_c, logp_rho),
+                "top_moved": (top_c != top_rho).float(),
+                "top_untaken": ((top_c != top_rho) & (top_c != batch.taken)).float(),
             }
             mask = batch.mask.bool()
             for name, value in values.items():
@@ -61,34 +72,9 @@ def probe(model, rows: list[dict], config) -> dict[str, list[np.ndarray]]:
     return found
 
 
-def moved(model, rows: list[dict]) -> dict[str, np.ndarray]:
-    """Where pi_c = softmax(z_critic) moved away from rho over the whole vocabulary, per position.
-
-    `kl`: KL(pi_c || rho) in nats; `top_moved`: pi_c's most likely token is not rho's;
-    `top_untaken`: and it is not the token taken there either, so no loss term at this position
-    asked for it. The taken-token probe (`probe`) cannot see either.
-    """
-    found = {name: [] for name in MOVES}
-    with torch.no_grad():
-        for start in range(0, len(rows), 4):
-            chunk = rows[start : start + 4]
-            batch = ActionBatch.build([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk])
-            batch = batch.to(model.device)
-            logp_c = action_logits(model, batch, "critic").float().log_softmax(-1)
-            logp_rho = action_logits(model, batch, None).float().log_softmax(-1)
-            top_c, top_rho = logp_c.argmax(-1), logp_rho.argmax(-1)
-            values = {
-                "kl": (logp_c.exp() * (logp_c - logp_rho)).sum(-1),
-                "top_moved": (top_c != top_rho).float(),
-                "top_untaken": ((top_c != top_rho) & (top_c != batch.taken)).float(),
-            }
-            mask = batch.mask.bool()
-            for name, value in values.items():
-                found[name].append(value[mask].cpu().numpy())
-    return {name: np.concatenate(arrays) for name, arrays in found.items()}
-
-
 def describe_moved(found: dict[str, np.ndarray]) -> str:
+    """One line on how far pi_c moved from rho over the whole vocabulary; `found`: `probe`'s
+    columns, each concatenated over the rows."""
     kl = found["kl"]
     return (
         f"KL(pi_c || rho) per token mean {kl.mean():.3f} nats (p95 {np.percentile(kl, 95):.3f}); "
@@ -131,7 +117,7 @@ def main() -> None:
             f"| {t['v'].mean():+.3f} | {beta * t['logratio'].mean():+.3f} "
             f"| {beta * np.percentile(t['logratio'], 5):+.3f} | {-t['log_rho'].mean():.3f} |"
         )
-    print("whole vocabulary: " + describe_moved(moved(model, rows)))
+    print("whole vocabulary: " + describe_moved({n: np.concatenate(a) for n, a in per_row.items()}))
     if args.credit:
         for row, logratio in zip(rows, per_row["logratio"], strict=True):
             row["advantage"] = (beta * logratio).tolist()
