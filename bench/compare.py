@@ -3,6 +3,8 @@
     dvc exp run --queue -S 'algo=etpo,ppo,grpo,best_of_n' -S 'seed=range(0,3)'
     dvc queue start                      # then wait for `dvc queue status` to show them done
     python bench/compare.py [--json FILE]
+    python bench/compare.py --save bench/runs     # also keep each run's record in the repository
+    python bench/compare.py --runs bench/runs     # the table from kept records, no DVC needed
 
 Runs whose params differ only in `seed` form one setting, labelled by `algo` and the params where
 they differ from the most common value. Per setting, from each run's eval@0 and eval@K rewards
@@ -15,6 +17,11 @@ they differ from the most common value. Per setting, from each run's eval@0 and 
 - KL(pi_K || rho) per token, perplexity change on held-out text, environment steps (means).
 Intervals are 95% percentile bootstraps over seeds, and over samples within each (seed, task)
 (`pipeline/stats.py`): tasks are the fixed benchmark.
+
+A run lives in `dvc exp` refs, which do not travel with a clone and are gone with the machine.
+`--save DIR` writes each run's record (params, summary, eval@0 and eval@K rewards: a few KB) to
+DIR/NAME.json, so that comparisons can be committed and grow over sessions; `--runs DIR` reads
+them back, and together with DVC's runs when both are asked for.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import ArtifactError
+from pipeline.io import read_json, write_json
 from pipeline.stats import Interval, bootstrap_mean, samples_needed
 
 SUMMARY = "data/report/summary.json"
 REWARDS = "data/iterations/{k:03d}/eval/rewards.json"
 REFERENCE = "best_of_n"
+RECORD = {"name", "params", "summary", "eval_0", "eval_K"}  # what --save keeps of a run
 SHOWN = ("kl_ref", "perplexity_change", "env_steps")  # summary numbers averaged over seeds
 
 
@@ -159,32 +169,64 @@ def power_note(groups: dict[str, list[dict]], against: str = REFERENCE) -> str:
     )
 
 
+def with_rewards(exp: dict) -> dict:
+    """The experiment's record with its eval@0 and eval@K rewards, read from its commit."""
+    k = int(exp["summary"]["iterations"])
+    eval_0, eval_k = read_rewards(exp["rev"], 0), read_rewards(exp["rev"], k)
+    return {**exp, "eval_0": eval_0.tolist(), "eval_K": eval_k.tolist()}
+
+
+def archived(folder: Path) -> list[dict]:
+    """The records that `--save` wrote to `folder`, by name."""
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise SystemExit(f"compare.py: no run records (*.json) in {folder}")
+    records = []
+    for path in files:
+        try:
+            record = read_json(path, None)
+        except ArtifactError as e:
+            raise SystemExit(f"compare.py: {e}") from None
+        if not isinstance(record, dict) or not RECORD <= set(record):
+            raise SystemExit(f"compare.py: {path} is not a run record (needs {sorted(RECORD)})")
+        records.append(record)
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", type=Path, help="saved `dvc exp show --json` output (default: run it)")
+    parser.add_argument("--runs", type=Path, help="read run records from this folder (see --save)")
+    parser.add_argument("--save", type=Path, help="write each DVC run's record to this folder")
     parser.add_argument("--by-name", action="store_true", help="one row per experiment, not per setting")
     parser.add_argument("--reference", help=f"the setting label paired against (default: {REFERENCE})")
     args = parser.parse_args()
-    text = (
-        args.json.read_text()
-        if args.json
-        else subprocess.run(
-            ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    exps = experiments(json.loads(text))
-    labels = [e["name"] for e in exps] if args.by_name else setting_labels(exps)
+    records = archived(args.runs) if args.runs else []
+    if args.json or args.save or not args.runs:
+        text = (
+            args.json.read_text()
+            if args.json
+            else subprocess.run(
+                ["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        fresh = [with_rewards(exp) for exp in experiments(json.loads(text))]
+        for record in fresh:
+            if args.save:
+                write_json(args.save / f"{record['name']}.json", record)
+        records = list({r["name"]: r for r in records + fresh}.values())  # a fresh run replaces its record
+    records.sort(key=lambda r: r["name"])  # one order whatever the source: the bootstrap draws by position
+    labels = [r["name"] for r in records] if args.by_name else setting_labels(records)
     groups: dict[str, list[dict]] = defaultdict(list)
-    for label, exp in zip(labels, exps, strict=True):
-        k = int(exp["summary"]["iterations"])
+    for label, record in zip(labels, records, strict=True):
         groups[label].append(
             {
-                "seed": exp["params"].get("seed", 0),
-                "eval_0": read_rewards(exp["rev"], 0),
-                "eval_K": read_rewards(exp["rev"], k),
-                "summary": exp["summary"],
+                "seed": record["params"].get("seed", 0),
+                "eval_0": np.array(record["eval_0"], dtype=np.float64),
+                "eval_K": np.array(record["eval_K"], dtype=np.float64),
+                "summary": record["summary"],
             }
         )
     if args.reference and args.reference not in groups:

@@ -240,6 +240,19 @@ def test_compare_prints_intervals_and_verdicts(repo_copy):
         run([sys.executable, str(compare), "--reference", "dqn"], repo_copy)
 
 
+def test_compare_keeps_run_records_that_give_the_same_table_without_dvc(repo_copy, tmp_path):
+    compare = REPO / "bench" / "compare.py"
+    from_dvc = run([sys.executable, str(compare), "--save", str(tmp_path)], repo_copy)
+    records = sorted(tmp_path.glob("*.json"))
+    assert len(records) >= 5 and {"ppo-s0", "best_of_n-s1"} <= {r.stem for r in records}
+    elsewhere = tmp_path / "cwd"  # no repository here: the table comes from the records alone
+    elsewhere.mkdir()
+    assert run([sys.executable, str(compare), "--runs", str(tmp_path)], elsewhere) == from_dvc
+    (tmp_path / "broken.json").write_text('{"name": "broken"')
+    with pytest.raises(AssertionError, match="broken.json: not valid JSON"):
+        run([sys.executable, str(compare), "--runs", str(tmp_path)], elsewhere)
+
+
 def test_exp_show_summary_fits_120_columns(repo_copy):
     keep = "Experiment|^algo$|^seed$|^eval_0$|^eval_K$|^gain|^kl_ref$|^env_steps$"
     env = {"COLUMNS": "120"}
