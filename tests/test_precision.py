@@ -1,7 +1,8 @@
 """`model.precision: bf16`: bf16 base weights, fp32 adapters, optimiser state and maths.
 
-On this project's CPU bf16 is slower than fp32 (bench/RESULTS.md), so it is for GPUs; the bounds
-are checked on the CPU with the tiny preset, and again on CUDA where a GPU is present.
+On an AVX2 CPU bf16 is 6-9x slower than fp32, on one with AMX 1.2x faster for the main job
+(bench/RESULTS.md), so it is chiefly for GPUs; the bounds are checked on the CPU with the tiny
+preset, and again on CUDA where a GPU is present.
 """
 
 from __future__ import annotations
