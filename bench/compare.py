@@ -19,15 +19,17 @@ Intervals are 95% percentile bootstraps over seeds, and over samples within each
 (`pipeline/stats.py`): tasks are the fixed benchmark.
 
 A run lives in `dvc exp` refs, which do not travel with a clone and are gone with the machine.
-`--save DIR` writes each run's record (params, summary, eval@0 and eval@K rewards: a few KB) to
-DIR/NAME.json, so that comparisons can be committed and grow over sessions; `--runs DIR` reads
-them back, and together with DVC's runs when both are asked for.
+`--save DIR` writes each run's record (params, summary, eval@0 and eval@K rewards: a few KB, and
+the CPU it was saved on, since a seed is another draw on another kind of CPU) to DIR/NAME.json,
+so that comparisons can be committed and grow over sessions; `--runs DIR` reads them back, alone
+or together with DVC's runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import subprocess
 from collections import Counter, defaultdict
@@ -176,6 +178,16 @@ def with_rewards(exp: dict) -> dict:
     return {**exp, "eval_0": eval_0.tolist(), "eval_K": eval_k.tolist()}
 
 
+def cpu_name() -> str:
+    """The CPU a record was saved on: the same seed is another draw on another kind of CPU."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def archived(folder: Path) -> list[dict]:
     """The records that `--save` wrote to `folder`, by name."""
     files = sorted(folder.glob("*.json"))
@@ -215,7 +227,7 @@ def main() -> None:
         fresh = [with_rewards(exp) for exp in experiments(json.loads(text))]
         for record in fresh:
             if args.save:
-                write_json(args.save / f"{record['name']}.json", record)
+                write_json(args.save / f"{record['name']}.json", record | {"cpu": cpu_name()})
         records = list({r["name"]: r for r in records + fresh}.values())  # a fresh run replaces its record
     records.sort(key=lambda r: r["name"])  # one order whatever the source: the bootstrap draws by position
     labels = [r["name"] for r in records] if args.by_name else setting_labels(records)
