@@ -134,7 +134,10 @@ def _drop_privileges(workdir):
 
 def _set_limits(limits, seconds_left):
     cpu = max(1, int(seconds_left) + 1)
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    # SIGXCPU at the soft limit is what reports a timeout; the hard limit, a second later, sends
+    # SIGKILL to a program that ignores SIGXCPU. With soft == hard a kernel may send SIGKILL alone
+    # (seen on Linux 6.18), which would read as a memory kill.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_output_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"],) * 2)
