@@ -225,8 +225,8 @@ def main() -> None:
             ).stdout
         )
         fresh = [with_rewards(exp) for exp in experiments(json.loads(text))]
-        for record in fresh:
-            if args.save:
+        if args.save:
+            for record in fresh:
                 write_json(args.save / f"{record['name']}.json", record | {"cpu": cpu_name()})
         records = list({r["name"]: r for r in records + fresh}.values())  # a fresh run replaces its record
     records.sort(key=lambda r: r["name"])  # one order whatever the source: the bootstrap draws by position

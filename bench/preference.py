@@ -22,9 +22,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline.baselines.targets import action_stats
 from pipeline.config import load_config
 from pipeline.models.adapters import load_model
-from pipeline.models.logits import ActionBatch, action_logits
 from pipeline.stats import LEVEL, RESAMPLES
 from pipeline.tasks.datasets import load_task
 from pipeline.tasks.prompts import render, state_source
@@ -33,16 +33,13 @@ CHUNK = 16
 
 
 @torch.no_grad()
-def log_likelihoods(model, actions: list[tuple[list[int], list[int]]], adapter: str | None) -> np.ndarray:
-    """Sum over each completion's tokens of log p(token), under `adapter` (None: the reference)."""
-    totals = []
-    for start in range(0, len(actions), CHUNK):
-        rows = actions[start : start + CHUNK]
-        batch = ActionBatch.build([p for p, _ in rows], [c for _, c in rows])
-        logp = action_logits(model, batch, adapter).float().log_softmax(-1)
-        taken = logp.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1) * batch.mask
-        totals += taken.sum(1).tolist()
-    return np.array(totals)
+def body_deltas(model, rows: list[dict]) -> np.ndarray:
+    """log pi(body) - log rho(body) per row (prompt_ids, completion_ids): `action_stats`'s
+    per-token log(pi / rho) of the taken tokens, summed, CHUNK actions per pass."""
+    stats = [
+        s for i in range(0, len(rows), CHUNK) for s in action_stats(model, rows[i : i + CHUNK], values=False)
+    ]
+    return np.array([sum(s["logratio"]) for s in stats])
 
 
 def difference_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -67,16 +64,17 @@ def main() -> None:
     ran = (bodies["status"] == "ok").to_numpy()
     print("| adapters | delta, bodies that ran | failed | ran - failed | syntax | run error |")
     print("|---|---|---|---|---|---|")
+    rows = None  # the bodies' token ids: every adapters folder shares the warm start's tokenizer
     for folder in args.adapters:
         model, tokenizer = load_model(config, args.data / "models/warm", folder)
-        model.eval()
-        actions = []
-        for row in bodies.iter_rows(named=True):
-            task = tasks[row["task"]]
-            prompt = render(state_source(task.description, task.x.shape), None)
-            ids = tokenizer([prompt, row["completion"]], add_special_tokens=False)["input_ids"]
-            actions.append((ids[0], ids[1]))
-        delta = log_likelihoods(model, actions, "policy") - log_likelihoods(model, actions, None)
+        if rows is None:
+            rows = []
+            for row in bodies.iter_rows(named=True):
+                task = tasks[row["task"]]
+                prompt = render(state_source(task.description, task.x.shape), None)
+                ids = tokenizer([prompt, row["completion"]], add_special_tokens=False)["input_ids"]
+                rows.append({"prompt_ids": ids[0], "completion_ids": ids[1]})
+        delta = body_deltas(model.eval(), rows)
         ok, bad = delta[ran], delta[~ran]
         lo, hi = difference_interval(ok, bad)
         kind = {s: delta[(bodies["status"] == s).to_numpy()].mean() for s in ("syntax", "error")}
