@@ -153,6 +153,10 @@ class EtpoConfig:
     untaken_anchor: float = field(metadata=_range(0.0, 1e6))
     """Weight of KL(target critic || critic) over the tokens not taken, in the critic loss: holds
     what the fit at taken tokens drags along (docs/design.md §1). 0: off, and no extra pass."""
+    policy_target: Literal["vocabulary", "taken"]
+    """What the policy is projected onto: `vocabulary`, pi_star ∝ rho exp(Q / beta) over every token;
+    `taken`, pi_star at the taken token only and rho's shape elsewhere (the critic's word only
+    where it was fitted; docs/design.md §1). `taken` adds a reference pass per minibatch."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.etpo.bellman import q_targets, q_values, token_stats
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, untaken_kl
+from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, taken_token_log_ratio, untaken_kl
 
 
 def loop_q(zt, zr, v, beta, param):
@@ -81,8 +81,9 @@ def test_dueling_values_are_the_state_value_less_the_kl_to_the_critic_policy():
     assert torch.allclose(beta * torch.logsumexp(z_rho.log_softmax(-1) + q / beta, -1), v)
 
 
+@pytest.mark.parametrize("at_taken", [False, True])
 @pytest.mark.parametrize("param", ["residual", "dueling"])
-def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param):
+def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, at_taken):
     gen = torch.Generator().manual_seed(1)
     z_rho = torch.randn(2, 5, 11, generator=gen)
     z_pi = z_rho.clone().requires_grad_(True)  # an untrained policy adapter: pi = rho
@@ -92,7 +93,8 @@ def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param):
     stats = token_stats(z_pi.detach(), z_rho, z_critic, taken, 0.1, param, v_target=v)
     assert torch.allclose(stats.q_taken, torch.zeros(2, 5), atol=1e-6)
     assert torch.allclose(stats.soft_value, torch.zeros(2, 5), atol=1e-6)
-    loss = policy_loss(z_pi, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param)
+    at = dict(z_rho=z_rho, taken=taken) if at_taken else {}
+    loss = policy_loss(z_pi, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param, **at)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert z_pi.grad.abs().max().item() < 1e-6  # no update: pi_star = rho = pi
@@ -119,6 +121,61 @@ def test_the_critic_loss_reads_q_from_the_stored_reference_values(param):
         assert policy_loss(z_pi, z_critic, mask, 0.1, param) == policy_loss(
             z_pi, z_critic, mask, 0.1, param, z_rho
         )
+
+
+def test_the_taken_token_target_is_rho_with_the_critics_probability_at_the_taken_token():
+    """pi_T(a) = pi_star(a) / Z and pi_T(w) = rho(w) / Z elsewhere, Z = pi_star(a) + 1 - rho(a), built by
+    hand; so the critic's values at untaken tokens (a raised junk token) never reach the target."""
+    gen = torch.Generator().manual_seed(4)
+    z_pi, z_rho, z_critic = (torch.randn(2, 3, 9, generator=gen, dtype=torch.float64) for _ in range(3))
+    taken = torch.randint(0, 9, (2, 3), generator=gen)
+    rho, star = z_rho.softmax(-1), z_critic.softmax(-1)  # residual: pi_star = softmax(z_critic)
+    target = rho.clone().scatter_(-1, taken[..., None], star.gather(-1, taken[..., None]))
+    target = target / target.sum(-1, keepdim=True)
+    logp_pi = z_pi.log_softmax(-1)
+    want = logp_pi - target.log()
+    got = taken_token_log_ratio(logp_pi, z_critic.log_softmax(-1), z_rho.log_softmax(-1), taken)
+    assert torch.allclose(got, want, atol=1e-10)
+
+    junk = int(taken[0, 0] + 1) % 9
+    raised = z_critic.clone()
+    raised[0, 0, junk] += 8.0  # the critic lifts an untaken token
+    again = taken_token_log_ratio(logp_pi, raised.log_softmax(-1), z_rho.log_softmax(-1), taken)
+    off = [w for w in range(9) if w != taken[0, 0]]
+    # only pi_star(a) (and so Z) changes: the log-ratio over the untaken tokens shifts by one constant
+    shift = (again - got)[0, 0, off]
+    assert torch.allclose(shift, shift[0].expand_as(shift), atol=1e-10)
+    with pytest.raises(ValueError, match="reference"):
+        policy_loss(z_pi, z_critic, torch.ones(2, 3), 0.1, "residual", taken=taken)
+
+
+def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_the_samples():
+    """At one prefix whose rows took tokens with frequencies f, the minimiser of the mean of
+    KL(pi || pi_T) is pi ∝ rho^(1 - f) pi_star^f (the geometric mean of the rows' targets): pi_star
+    itself where one token was taken (f = 1), rho's shape for tokens nobody took (docs/design.md §1)."""
+    gen = torch.Generator().manual_seed(5)
+    V = 5
+    z_rho, z_critic = torch.randn(V, generator=gen), torch.randn(V, generator=gen)
+    taken = torch.tensor([[0], [0], [1], [3]])  # f = (1/2, 1/4, 0, 1/4, 0)
+    f = torch.bincount(taken[:, 0], minlength=V).float() / len(taken)
+    want = ((1 - f) * z_rho.log_softmax(-1) + f * z_critic.log_softmax(-1)).softmax(-1)
+    z = torch.zeros(V, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    rows = len(taken)
+    for _ in range(2000):
+        loss = policy_loss(
+            z.expand(rows, 1, V),
+            z_critic.expand(rows, 1, V),
+            torch.ones(rows, 1),
+            0.1,
+            "residual",
+            z_rho=z_rho.expand(rows, 1, V),
+            taken=taken,
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(z.detach().softmax(-1), want, atol=1e-3)
 
 
 def soft_optimum(rho_logits, reward, L, V, beta):

@@ -57,21 +57,26 @@ def policy_logits(model, tokenizer):
         return model(**ids).logits
 
 
-@pytest.mark.parametrize("param", ["residual", "dueling"])
-def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param):
-    """At initialisation the update is a no-op: pi_star = softmax(z_critic) = rho = pi."""
+# the parametrisations, and the policy target trusted at the taken token only
+CRITIC_AND_POLICY_TARGETS = [("residual", "vocabulary"), ("dueling", "vocabulary"), ("residual", "taken")]
+
+
+@pytest.mark.parametrize(("param", "target"), CRITIC_AND_POLICY_TARGETS)
+def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param, target):
+    """At initialisation the update is a no-op: pi_star = softmax(z_critic) = rho = pi (and so is
+    the target trusted at the taken token only)."""
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
     before = policy_logits(model, tokenizer)
     train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
-    update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param))
+    update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param, policy_target=target))
     train_adapters(model, rows_for(model, tokenizer, [1.0, -1.0]), update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
 
-@pytest.mark.parametrize("param", ["residual", "dueling"])
-def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param):
+@pytest.mark.parametrize(("param", "target"), CRITIC_AND_POLICY_TARGETS)
+def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param, target):
     model, tokenizer = load_base(tiny_base)
     torch.manual_seed(0)
     model = attach_adapters(model, defaults("lora", rank=4))
@@ -81,7 +86,7 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
     steps = train_adapters(
         model,
         rows_for(model, tokenizer, [1.0, -1.0]),
-        partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param)),
+        partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param, policy_target=target)),
         train,
         seed=0,
         log=logged.append,

@@ -8,7 +8,8 @@ Read top to bottom:
 The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
 stage stored (ref_logit, ref_logprob): the reference never changes, so it runs once per action,
 not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
-paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) needs a reference pass here.
+paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target: taken`
+(rho's shape off the taken token) need a reference pass here.
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
@@ -84,10 +85,12 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
 
     z_pi = action_logits(model, batch, "policy")
     z_rho = None
-    if etpo.parametrisation == "paper":
+    at_taken = etpo.policy_target == "taken"
+    if etpo.parametrisation == "paper" or at_taken:
         with torch.no_grad():
             z_rho = action_logits(model, batch, None)
-    loss_pi = policy_loss(z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation, z_rho)
+    taken = batch.taken if at_taken else None
+    loss_pi = policy_loss(z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation, z_rho, taken)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
