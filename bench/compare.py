@@ -87,13 +87,17 @@ def flatten(params: dict, prefix: str = "") -> dict[str, object]:
 
 
 def setting_labels(exps: list[dict]) -> list[str]:
-    """A label per experiment that is equal for runs differing only in seed: algo + unusual params."""
+    """A label per experiment that is equal for runs differing only in seed: algo + unusual params.
+
+    A param a run lacks is one added after it ran, with a default that keeps the old behaviour:
+    it counts as the usual value, so a new key does not split old runs from new ones.
+    """
     flat = [flatten(e["params"]) for e in exps]
     keys = sorted(set().union(*flat) - {"seed", "algo"})
-    usual = {k: Counter(repr(f.get(k)) for f in flat).most_common(1)[0][0] for k in keys}
+    usual = {k: Counter(repr(f[k]) for f in flat if k in f).most_common(1)[0][0] for k in keys}
     return [
         " ".join(
-            [str(f.get("algo", "etpo"))] + [f"{k}={f.get(k)}" for k in keys if repr(f.get(k)) != usual[k]]
+            [str(f.get("algo", "etpo"))] + [f"{k}={f[k]}" for k in keys if k in f and repr(f[k]) != usual[k]]
         )
         for f in flat
     ]
