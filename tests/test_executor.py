@@ -84,6 +84,9 @@ def test_each_failure_status_from_a_real_program(executor, tasks_dir, status):
     result = executor.run("iris", source_for(tasks_dir, "iris", FAILURES[status]))
     assert (result.status, result.reward) == (status, -1.0), result.error
     assert result.error
+    assert "harness" not in result.error  # its line numbers would tie later prompts to its edits
+    if status == "error":
+        assert 'File "<build_model>", line' in result.error and "NameError" in result.error, result.error
 
 
 def test_banned_through_getattr_is_caught_inside_the_sandbox(executor, tasks_dir):

@@ -173,6 +173,19 @@ def _fit_and_predict(source, x_train, y_train, x_test, n_classes):
     return proba
 
 
+def _program_traceback():
+    """The exception being handled, formatted without the harness's own frames.
+
+    A reflection prompt carries this text, so the harness's line numbers in it would make every
+    later prompt (and so every trajectory) change with any edit of this file; what the model
+    needs is the program's frames and the library frames it called.
+    """
+    kind, error, tb = sys.exc_info()
+    frames = [frame for frame in traceback.extract_tb(tb) if frame.filename != __file__]
+    head = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames))
+    return head + "".join(traceback.format_exception_only(kind, error))
+
+
 def _child(write_fd, source, folds, limits, seconds_left, n_classes):
     """Entry of the forked child: fit and predict every split; never returns."""
     header, payload = {"status": "error", "error": "unknown"}, b""
@@ -199,7 +212,7 @@ def _child(write_fd, source, folds, limits, seconds_left, n_classes):
     except MemoryError:
         header = {"status": "memory", "error": "MemoryError: the program exceeded its memory limit"}
     except BaseException:  # generated code may raise anything, SystemExit included
-        header = {"status": "error", "error": traceback.format_exc()[-MAX_ERROR:]}
+        header = {"status": "error", "error": _program_traceback()[-MAX_ERROR:]}
     try:
         data = json.dumps(header).encode()
         os.write(write_fd, struct.pack("<II", len(data), len(payload)) + data)
