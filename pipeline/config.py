@@ -155,7 +155,7 @@ class EtpoConfig:
     what the fit at taken tokens drags along (docs/design.md §1). 0: off, and no extra pass."""
     policy_target: Literal["vocabulary", "taken"]
     """What the policy is projected onto: `vocabulary`, pi_star ∝ rho exp(Q / beta) over every token;
-    `taken`, pi_star at the taken token only and rho's shape elsewhere (the critic's word only
+    `taken`, rho tilted by the critic's advantage at the taken token only (the critic's word only
     where it was fitted; docs/design.md §1). `taken` adds a reference pass per minibatch."""
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.etpo.bellman import q_targets, q_values, token_stats
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, taken_token_log_ratio, untaken_kl
+from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, taken_token_target, untaken_kl
 
 
 def loop_q(zt, zr, v, beta, param):
@@ -89,7 +89,7 @@ def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, at_
     z_pi = z_rho.clone().requires_grad_(True)  # an untrained policy adapter: pi = rho
     z_critic = z_rho.clone()  # an untrained (zero) critic adapter: z_critic = z_rho
     v = torch.zeros(2, 5)  # and a zero value head
-    taken = torch.zeros(2, 5, dtype=torch.long)
+    taken = torch.randint(0, 11, (2, 5), generator=gen)
     stats = token_stats(z_pi.detach(), z_rho, z_critic, taken, 0.1, param, v_target=v)
     assert torch.allclose(stats.q_taken, torch.zeros(2, 5), atol=1e-6)
     assert torch.allclose(stats.soft_value, torch.zeros(2, 5), atol=1e-6)
@@ -97,7 +97,7 @@ def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, at_
     loss = policy_loss(z_pi, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param, **at)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    assert z_pi.grad.abs().max().item() < 1e-6  # no update: pi_star = rho = pi
+    assert (z_pi.grad == 0).all()  # no update, not even rounding noise for Adam: pi_star = rho = pi
 
 
 @pytest.mark.parametrize("param", ["residual", "paper", "dueling"])
@@ -123,51 +123,81 @@ def test_the_critic_loss_reads_q_from_the_stored_reference_values(param):
         )
 
 
-def test_the_taken_token_target_is_rho_with_the_critics_probability_at_the_taken_token():
-    """pi_T(a) = pi_star(a) / Z and pi_T(w) = rho(w) / Z elsewhere, Z = pi_star(a) + 1 - rho(a), built by
-    hand; so the critic's values at untaken tokens (a raised junk token) never reach the target."""
+def by_hand_taken_target(z_pi, z_rho, z_critic, taken, beta):
+    """pi_T of docs/design.md §1 for the residual critic, built from its definition (float64)."""
+    pi, rho = z_pi.double().softmax(-1), z_rho.double().softmax(-1)
+    q = beta * (z_critic.double() - z_rho.double())
+    v_pi = (pi * q).sum(-1) - beta * (pi * (pi.log() - rho.log())).sum(-1)  # E_pi[Q] - beta KL(pi || rho)
+    advantage = q.gather(-1, taken[..., None])[..., 0] - v_pi
+    target = rho * torch.exp(F.one_hot(taken, z_pi.shape[-1]) * advantage[..., None] / beta)
+    return target / target.sum(-1, keepdim=True)
+
+
+def test_the_taken_token_target_is_rho_tilted_by_the_critics_advantage_at_the_taken_token():
+    """pi_T(w) ∝ rho(w) exp([w = a] (Q(a) - V_pi) / beta), against the definition built by hand;
+    a critic that lifts an untaken token moves the target only through E_pi[Q]: by -pi(w) x the
+    lift at the taken token, and not at all in the shape over the untaken ones."""
     gen = torch.Generator().manual_seed(4)
     z_pi, z_rho, z_critic = (torch.randn(2, 3, 9, generator=gen, dtype=torch.float64) for _ in range(3))
-    taken = torch.randint(0, 9, (2, 3), generator=gen)
-    rho, star = z_rho.softmax(-1), z_critic.softmax(-1)  # residual: pi_star = softmax(z_critic)
-    target = rho.clone().scatter_(-1, taken[..., None], star.gather(-1, taken[..., None]))
-    target = target / target.sum(-1, keepdim=True)
-    logp_pi = z_pi.log_softmax(-1)
-    want = logp_pi - target.log()
-    got = taken_token_log_ratio(logp_pi, z_critic.log_softmax(-1), z_rho.log_softmax(-1), taken)
-    assert torch.allclose(got, want, atol=1e-10)
+    taken, beta = torch.randint(0, 9, (2, 3), generator=gen), 0.1
 
-    junk = int(taken[0, 0] + 1) % 9
-    raised = z_critic.clone()
-    raised[0, 0, junk] += 8.0  # the critic lifts an untaken token
-    again = taken_token_log_ratio(logp_pi, raised.log_softmax(-1), z_rho.log_softmax(-1), taken)
-    off = [w for w in range(9) if w != taken[0, 0]]
-    # only pi_star(a) (and so Z) changes: the log-ratio over the untaken tokens shifts by one constant
-    shift = (again - got)[0, 0, off]
-    assert torch.allclose(shift, shift[0].expand_as(shift), atol=1e-10)
+    def target(z_c):
+        logp_pi, logp_rho = z_pi.log_softmax(-1), z_rho.log_softmax(-1)
+        log_target, log_z = taken_token_target(logp_pi, logp_rho, beta * (z_c - z_rho), taken, beta)
+        return log_target - log_z[..., None]
+
+    got = target(z_critic)
+    assert torch.allclose(got, by_hand_taken_target(z_pi, z_rho, z_critic, taken, beta).log(), atol=1e-10)
+
+    a = int(taken[0, 0])
+    junk = (a + 1) % 9
+    lifted = z_critic.clone()
+    lifted[0, 0, junk] += 8.0  # 8 nats: Q(junk) + 0.8
+    moved = target(lifted) - got
+    pi_junk = z_pi[0, 0].softmax(-1)[junk]
+    log_z_change = moved[0, 0, junk]  # the untaken tokens all move by -(change of log Z)
+    off = [w for w in range(9) if w != a]
+    assert torch.allclose(moved[0, 0, off], log_z_change.expand(len(off)), atol=1e-12)
+    assert torch.allclose(moved[0, 0, a] - log_z_change, -pi_junk * 8.0, atol=1e-12)
+    assert (moved[1:] == 0).all() and (moved[0, 1:] == 0).all()  # other positions untouched
     with pytest.raises(ValueError, match="reference"):
-        policy_loss(z_pi, z_critic, torch.ones(2, 3), 0.1, "residual", taken=taken)
+        policy_loss(z_pi, z_critic, torch.ones(2, 3), beta, "residual", taken=taken)
+
+
+def test_the_taken_token_loss_is_the_kl_to_the_target_in_float32_at_a_confident_token():
+    """policy_loss with `taken` is KL(pi || pi_T), also in float32 where rho(a) rounds near 1."""
+    gen = torch.Generator().manual_seed(6)
+    z_rho = torch.randn(1, 4, 50, generator=gen, dtype=torch.float64)
+    taken = torch.randint(0, 50, (1, 4), generator=gen)
+    z_rho.scatter_add_(-1, taken[..., None], torch.full((1, 4, 1), 25.0, dtype=torch.float64))  # rho(a) ~ 1
+    z_pi = z_rho + 0.3 * torch.randn(1, 4, 50, generator=gen, dtype=torch.float64)
+    z_critic = z_rho + torch.randn(1, 4, 50, generator=gen, dtype=torch.float64)
+    pi, want_t = z_pi.softmax(-1), by_hand_taken_target(z_pi, z_rho, z_critic, taken, 0.1)
+    want = (pi * (pi.log() - want_t.log())).sum(-1).mean()
+    got = policy_loss(z_pi.float(), z_critic.float(), torch.ones(1, 4), 0.1, "residual", z_rho.float(), taken)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got, want)
 
 
 def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_the_samples():
-    """At one prefix whose rows took tokens with frequencies f, the minimiser of the mean of
-    KL(pi || pi_T) is pi ∝ rho^(1 - f) pi_star^f (the geometric mean of the rows' targets): pi_star
-    itself where one token was taken (f = 1), rho's shape for tokens nobody took (docs/design.md §1)."""
+    """At one prefix whose rows took tokens with frequencies f, the stationary point of the mean of
+    KL(pi || pi_T) is pi ∝ rho exp(f (Q - V_pi) / beta) (the geometric mean of the rows' targets,
+    V_pi that of pi itself): tokens nobody took keep rho's odds to each other (docs/design.md §1)."""
     gen = torch.Generator().manual_seed(5)
-    V = 5
-    z_rho, z_critic = torch.randn(V, generator=gen), torch.randn(V, generator=gen)
+    V, beta = 5, 0.1
+    z_rho = torch.randn(V, generator=gen)
+    z_critic = z_rho + torch.randn(V, generator=gen)  # Q / beta = z_critic - z_rho: about a nat
     taken = torch.tensor([[0], [0], [1], [3]])  # f = (1/2, 1/4, 0, 1/4, 0)
     f = torch.bincount(taken[:, 0], minlength=V).float() / len(taken)
-    want = ((1 - f) * z_rho.log_softmax(-1) + f * z_critic.log_softmax(-1)).softmax(-1)
-    z = torch.zeros(V, requires_grad=True)
-    opt = torch.optim.Adam([z], lr=0.05)
+    z = z_rho.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.02)
     rows = len(taken)
-    for _ in range(2000):
+    for _ in range(3000):
         loss = policy_loss(
             z.expand(rows, 1, V),
             z_critic.expand(rows, 1, V),
             torch.ones(rows, 1),
-            0.1,
+            beta,
             "residual",
             z_rho=z_rho.expand(rows, 1, V),
             taken=taken,
@@ -175,7 +205,12 @@ def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_t
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert torch.allclose(z.detach().softmax(-1), want, atol=1e-3)
+    pi = z.detach().softmax(-1)
+    q, logp_rho = beta * (z_critic - z_rho), z_rho.log_softmax(-1)
+    v_pi = (pi * q).sum() - beta * (pi * (pi.log() - logp_rho)).sum()
+    want = (logp_rho + f * (q - v_pi) / beta).softmax(-1)
+    assert torch.allclose(pi, want, atol=1e-3), (pi, want)
+    assert not torch.allclose(pi, logp_rho.exp(), atol=1e-2)  # it did move
 
 
 def soft_optimum(rho_logits, reward, L, V, beta):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.algorithms import update_for
 from pipeline.baselines.targets import action_stats
-from pipeline.etpo.losses import untaken_kl
+from pipeline.etpo.losses import policy_loss, untaken_kl
 from pipeline.etpo.targets import action_targets, etpo_targets
 from pipeline.etpo.train import critic_objective, etpo_update
 from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
@@ -102,6 +102,34 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
         assert 0 < (v_target - v).abs().sum() < v.abs().sum()
     else:
         assert v.abs().sum() == 0 == v_target.abs().sum()
+
+
+def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
+    """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
+    for `policy_target: taken`, and without them for `vocabulary`; the two differ (a critic
+    perturbed away from rho and held there)."""
+    first = {}
+    for target in ("vocabulary", "taken"):
+        model, tokenizer = load_base(tiny_base)
+        torch.manual_seed(0)
+        model = attach_adapters(model, defaults("lora", rank=4))
+        with torch.no_grad():
+            for p in adapter_parameters(model, "critic"):
+                p.add_(0.3 * torch.randn_like(p))
+        rows = rows_for(model, tokenizer, [1.0, -1.0])
+        batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+        with torch.no_grad():
+            z_pi, z_critic = action_logits(model, batch, "policy"), action_logits(model, batch, "critic")
+            z_rho = action_logits(model, batch, None)
+        args = (z_pi, z_critic, batch.mask, 0.1, "residual")
+        want = policy_loss(*args, z_rho, batch.taken) if target == "taken" else policy_loss(*args)
+        logged = []
+        train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
+        etpo = defaults("etpo", policy_target=target)
+        train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
+        first[target] = logged[0]["train/policy_loss"]
+        assert first[target] == pytest.approx(want.item(), rel=1e-5), target
+    assert abs(first["taken"] - first["vocabulary"]) > 1e-3, first
 
 
 def critic_after(model, rows, etpo):

@@ -3,7 +3,7 @@
     critic:  L_Q  = Huber_delta(Q_phi(w^j) - y_j)                 y_j a constant
              [+ alpha KL(pi_bar || pi_c) over the tokens not taken    the untaken anchor, §1]
     policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached
-             [or pi_star from Q_phi at the taken token only, rho's shape elsewhere   §1]
+             [or pi_T: rho with the critic's advantage at the taken token only   §1]
     target:  Q_bar <- (1 - tau) Q_bar + tau Q_phi                 on adapter weights
 
 Means are over valid completion tokens only (`mask`: prompt and padding are 0).
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.etpo.bellman import Parametrisation, q_values
+from pipeline.etpo.bellman import Parametrisation, q_values, soft_value
 from pipeline.models.tokens import masked_mean
 
 
@@ -102,20 +102,26 @@ def optimal_policy_logits(
     return z_rho.log_softmax(-1) + q_values(z_critic, z_rho, beta, parametrisation) / beta
 
 
-def taken_token_log_ratio(logp_pi: Tensor, logp_star: Tensor, logp_rho: Tensor, taken: Tensor) -> Tensor:
-    """log pi - log pi_T over the vocabulary (..., V), where pi_T trusts pi_star at the taken token only.
+def taken_token_target(
+    logp_pi: Tensor, logp_rho: Tensor, q: Tensor, taken: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """The policy target that takes the critic's word at the taken token only: its unnormalised
+    log-probabilities (..., V) and their log-normaliser log Z (...). All inputs (..., V) but taken.
 
-    pi_T(a) ∝ pi_star(a) at the taken token a, and pi_T(w) ∝ rho(w) elsewhere: the untaken tokens
-    keep advantage 0 (their Q is the state's soft value), as in a table where fitting Q(s, a)
-    leaves every other Q(s, w) alone. The normaliser is Z = pi_star(a) + 1 - rho(a). Written as
-    (log pi - log rho) + log Z, plus a correction at a, so that pi = rho = pi_star (an untrained
-    policy and critic) gives the same constant at every token and so no gradient at all
-    (docs/design.md §1, "Trusting the critic at the taken token only").
+        log pi_T(w) = log rho(w) + [w = a] A(a) / beta - log Z,   A(a) = Q(a) - V_pi
+        V_pi = E_pi[Q] - beta KL(pi || rho)    (the state's soft value under the current policy)
+
+    The untaken tokens keep advantage 0, as in a table where fitting Q(s, a) leaves every other
+    Q(s, w) alone, so the critic's values there get none of the target's mass. They enter only
+    through E_pi[Q], weighted by pi, whose mass on tokens nobody samples is small; the soft value
+    under rho (pi_star's normaliser) would instead let a critic that lifts such tokens by a few
+    nats push every taken token down (docs/design.md §1, "Trusting the critic at the taken token
+    only"). An untrained critic and policy (Q = 0, pi = rho) give log pi_T = log rho exactly.
     """
     idx = taken.unsqueeze(-1)
-    r_a, s_a = logp_rho.gather(-1, idx), logp_star.gather(-1, idx)  # log rho(a), log pi_star(a)
-    log_z = torch.logaddexp(s_a, torch.log(-torch.expm1(r_a.clamp(max=0.0))))  # log(pi_star(a) + 1 - rho(a))
-    return (logp_pi - logp_rho + log_z).scatter_add(-1, idx, r_a - s_a)
+    advantage = q.gather(-1, idx) - soft_value(logp_pi, logp_rho, q, beta).unsqueeze(-1)
+    log_target = logp_rho.scatter_add(-1, idx, advantage / beta)
+    return log_target, log_target.logsumexp(-1)
 
 
 def policy_loss(
@@ -134,20 +140,24 @@ def policy_loss(
     grad KL = sum_w grad pi(w) [log pi(w) - log pi_star(w)] + grad sum_w pi(w), and the last term
     is 0 since pi sums to 1; we drop it by detaching the log-ratio. The value is unchanged, and
     the gradient is exactly 0 when pi == pi_star (instead of rounding noise Adam would amplify).
-    With `taken` (B, T) the target is `taken_token_log_ratio`'s pi_T (needs z_rho): the critic's
-    word is taken only where it was fitted, so its values at tokens nobody sampled (the junk tail
-    a fit at taken tokens drags along, bench/RESULTS.md) never reach the policy.
+    With `taken` (B, T) the target is `taken_token_target`'s pi_T (needs z_rho): the critic's word
+    is taken only where it was fitted, so the tokens nobody sampled (the junk tail a fit at taken
+    tokens drags along, bench/RESULTS.md) get none of the target's mass. Its log Z is added to the
+    value outside the detached log-ratio, so pi = pi_T gives exactly zero gradient.
     """
     logp_pi = z_pi.float().log_softmax(-1)
+    z_critic = z_critic.detach().float()
     z_rho = z_rho.detach().float() if z_rho is not None else None
-    logp_star = optimal_policy_logits(z_critic.detach().float(), z_rho, beta, parametrisation).log_softmax(-1)
     if taken is None:
-        log_ratio = (logp_pi - logp_star).detach()
+        logp_star = optimal_policy_logits(z_critic, z_rho, beta, parametrisation).log_softmax(-1)
+        kl = (logp_pi.exp() * (logp_pi - logp_star).detach()).sum(-1)
     elif z_rho is None:
         raise ValueError("a policy target at the taken tokens needs the reference's logits z_rho")
     else:
-        log_ratio = taken_token_log_ratio(logp_pi, logp_star, z_rho.log_softmax(-1), taken).detach()
-    kl = (logp_pi.exp() * log_ratio).sum(-1)
+        # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
+        q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
+        log_target, log_z = taken_token_target(logp_pi.detach(), z_rho.log_softmax(-1), q, taken, beta)
+        kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
     return masked_mean(kl, mask)
 
 

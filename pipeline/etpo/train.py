@@ -83,12 +83,13 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     loss_q, logged, z_critic = critic_objective(model, batch, y, ref_logit, ref_logprob, etpo)
     step("critic", loss_q)
 
-    z_pi = action_logits(model, batch, "policy")
     z_rho = None
     at_taken = etpo.policy_target == "taken"
     if etpo.parametrisation == "paper" or at_taken:
         with torch.no_grad():
             z_rho = action_logits(model, batch, None)
+    # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
+    z_pi = action_logits(model, batch, "policy")
     taken = batch.taken if at_taken else None
     loss_pi = policy_loss(z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation, z_rho, taken)
     step("policy", loss_pi)
