@@ -104,18 +104,24 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
         assert v.abs().sum() == 0 == v_target.abs().sum()
 
 
+def perturbed(tiny_base, adapter):
+    """The tiny model with fresh adapters, `adapter`'s weights moved away from the others'."""
+    model, tokenizer = load_base(tiny_base)
+    torch.manual_seed(0)
+    model = attach_adapters(model, defaults("lora", rank=4))
+    with torch.no_grad():
+        for p in adapter_parameters(model, adapter):
+            p.add_(0.3 * torch.randn_like(p))
+    return model, tokenizer
+
+
 def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
     """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
     for `policy_target: taken`, and without them for `vocabulary`; the two differ (a critic
     perturbed away from rho and held there)."""
     first = {}
     for target in ("vocabulary", "taken"):
-        model, tokenizer = load_base(tiny_base)
-        torch.manual_seed(0)
-        model = attach_adapters(model, defaults("lora", rank=4))
-        with torch.no_grad():
-            for p in adapter_parameters(model, "critic"):
-                p.add_(0.3 * torch.randn_like(p))
+        model, tokenizer = perturbed(tiny_base, "critic")
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         with torch.no_grad():
@@ -152,12 +158,7 @@ def test_the_untaken_anchor_holds_the_critic_to_the_target_off_the_taken_tokens(
     pass). An anchor against any other adapter, or against rho, would leave it where it was."""
     moved, fit, logged = {}, {}, {}
     for alpha in (0.0, 10.0):
-        model, tokenizer = load_base(tiny_base)
-        torch.manual_seed(0)
-        model = attach_adapters(model, defaults("lora", rank=4))
-        with torch.no_grad():
-            for p in adapter_parameters(model, "target"):
-                p.add_(0.3 * torch.randn_like(p))
+        model, tokenizer = perturbed(tiny_base, "target")
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         train = defaults("train", epochs=16, minibatch_size=2, policy_lr=0.0, critic_lr=1e-2)
         # beta 1: a target of 1 is one nat of logit, which the tiny critic fits in these steps
