@@ -153,10 +153,12 @@ class EtpoConfig:
     untaken_anchor: float = field(metadata=_range(0.0, 1e6))
     """Weight of KL(target critic || critic) over the tokens not taken, in the critic loss: holds
     what the fit at taken tokens drags along (docs/design.md §1). 0: off, and no extra pass."""
-    policy_target: Literal["vocabulary", "taken"]
+    policy_target: Literal["vocabulary", "taken", "return"]
     """What the policy is projected onto: `vocabulary`, pi_star ∝ rho exp(Q / beta) over every token;
     `taken`, rho tilted by the critic's advantage at the taken token only (the critic's word only
-    where it was fitted; docs/design.md §1). `taken` adds a reference pass per minibatch."""
+    where it was fitted); `return`, rho tilted there by the observed return's advantage y_j - V_j
+    (the targets stage's lambda-return minus its state value; docs/design.md §1). `taken` and
+    `return` add a reference pass per minibatch."""
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,10 @@ def test_dueling_values_are_the_state_value_less_the_kl_to_the_critic_policy():
     assert torch.allclose(beta * torch.logsumexp(z_rho.log_softmax(-1) + q / beta, -1), v)
 
 
-@pytest.mark.parametrize("at_taken", [False, True])
+@pytest.mark.parametrize("target", ["vocabulary", "taken", "return"])
 @pytest.mark.parametrize("param", ["residual", "dueling"])
-def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, at_taken):
+def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, target):
+    """With `return` the advantage is y - V, zero here as for a return equal to the state's value."""
     gen = torch.Generator().manual_seed(1)
     z_rho = torch.randn(2, 5, 11, generator=gen)
     z_pi = z_rho.clone().requires_grad_(True)  # an untrained policy adapter: pi = rho
@@ -93,7 +94,11 @@ def test_an_untrained_critic_gives_zero_q_and_leaves_policy_unchanged(param, at_
     stats = token_stats(z_pi.detach(), z_rho, z_critic, taken, 0.1, param, v_target=v)
     assert torch.allclose(stats.q_taken, torch.zeros(2, 5), atol=1e-6)
     assert torch.allclose(stats.soft_value, torch.zeros(2, 5), atol=1e-6)
-    at = dict(z_rho=z_rho, taken=taken) if at_taken else {}
+    at = {
+        "vocabulary": {},
+        "taken": dict(z_rho=z_rho, taken=taken),
+        "return": dict(z_rho=z_rho, taken=taken, advantage=torch.zeros(2, 5)),
+    }[target]
     loss = policy_loss(z_pi, z_critic, torch.ones(2, 5), beta=0.1, parametrisation=param, **at)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
@@ -179,6 +184,27 @@ def test_the_taken_token_loss_is_the_kl_to_the_target_in_float32_at_a_confident_
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (got, want)
 
 
+def test_the_return_target_is_rho_tilted_by_the_given_advantage_and_ignores_the_critic():
+    """`policy_target: return`: KL(pi || pi_T) with pi_T ∝ rho exp([w = a] A / beta) for the given
+    A = y - V (by hand, float64), the same value and gradient whatever the critic's logits."""
+    gen = torch.Generator().manual_seed(7)
+    z_pi, z_rho, z_critic = (torch.randn(2, 3, 9, generator=gen, dtype=torch.float64) for _ in range(3))
+    taken, advantage, beta = torch.randint(0, 9, (2, 3), generator=gen), torch.randn(2, 3, generator=gen), 0.1
+    target = z_rho.softmax(-1) * torch.exp(F.one_hot(taken, 9) * advantage[..., None].double() / beta)
+    target = target / target.sum(-1, keepdim=True)
+    pi = z_pi.softmax(-1)
+    want = (pi * (pi.log() - target.log())).sum(-1).mean()
+    losses, grads = [], []
+    for z_c in (z_critic, z_critic + 5.0 * torch.randn(2, 3, 9, generator=gen, dtype=torch.float64)):
+        z = z_pi.clone().requires_grad_(True)
+        loss = policy_loss(z, z_c, torch.ones(2, 3), beta, "residual", z_rho, taken, advantage)
+        loss.backward()
+        losses.append(loss)
+        grads.append(z.grad)
+    assert torch.allclose(losses[0].double(), want, atol=1e-10)
+    assert losses[0] == losses[1] and torch.equal(grads[0], grads[1])
+
+
 def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_the_samples():
     """At one prefix whose rows took tokens with frequencies f, the stationary point of the mean of
     KL(pi || pi_T) is pi ∝ rho exp(f (Q - V_pi) / beta) (the geometric mean of the rows' targets,
@@ -211,6 +237,36 @@ def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_t
     want = (logp_rho + f * (q - v_pi) / beta).softmax(-1)
     assert torch.allclose(pi, want, atol=1e-3), (pi, want)
     assert not torch.allclose(pi, logp_rho.exp(), atol=1e-2)  # it did move
+
+
+def test_the_return_projection_reaches_rho_tilted_by_each_tokens_summed_advantage():
+    """With `policy_target: return` the mean of KL(pi || pi_T) over rows at one prefix is
+    KL(pi || rho) - E_pi[g] / beta + const, g(w) = (1/N) sum of the advantages of the rows that
+    took w: its minimum is pi ∝ rho exp(g / beta). A token taken by a success and a failure with
+    opposite advantages stays at rho's odds (docs/design.md §1)."""
+    gen = torch.Generator().manual_seed(8)
+    V, beta = 5, 0.1
+    z_rho = torch.randn(V, generator=gen)
+    taken = torch.tensor([[0], [0], [1], [3], [3]])
+    advantage = torch.tensor([[0.2], [-0.2], [0.15], [-0.05], [-0.1]])
+    g = torch.zeros(V).index_add_(0, taken[:, 0], advantage[:, 0]) / len(taken)  # (0, 0.03, 0, -0.03, 0)
+    z = z_rho.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.02)
+    rows = len(taken)
+    for _ in range(3000):
+        expand = (rows, 1, V)
+        loss = policy_loss(
+            z.expand(expand), z_rho.expand(expand), torch.ones(rows, 1), beta, "residual",
+            z_rho=z_rho.expand(expand), taken=taken, advantage=advantage,
+        )  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pi, logp_rho = z.detach().softmax(-1), z_rho.log_softmax(-1)
+    want = (logp_rho + g / beta).softmax(-1)
+    assert torch.allclose(pi, want, atol=1e-3), (pi, want)
+    assert torch.allclose(pi[0] / pi[2], logp_rho.exp()[0] / logp_rho.exp()[2], rtol=1e-2)  # 0.2 - 0.2
+    assert pi[1] > logp_rho.exp()[1] * 1.2 and pi[3] < logp_rho.exp()[3] / 1.2  # it did move
 
 
 def soft_optimum(rho_logits, reward, L, V, beta):

@@ -117,25 +117,33 @@ def perturbed(tiny_base, adapter):
 
 def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
     """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
-    for `policy_target: taken`, and without them for `vocabulary`; the two differ (a critic
-    perturbed away from rho and held there)."""
+    for `policy_target: taken`, with the stored y - V as well for `return`, and with neither for
+    `vocabulary`; the three differ (a critic perturbed away from rho and held there)."""
     first = {}
-    for target in ("vocabulary", "taken"):
+    for target in ("vocabulary", "taken", "return"):
         model, tokenizer = perturbed(tiny_base, "critic")
         rows = rows_for(model, tokenizer, [1.0, -1.0])
+        for row, value in zip(rows, [0.3, -0.2], strict=True):
+            row["soft_value"] = [value] * len(row["completion_ids"])
         batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         with torch.no_grad():
             z_pi, z_critic = action_logits(model, batch, "policy"), action_logits(model, batch, "critic")
             z_rho = action_logits(model, batch, None)
         args = (z_pi, z_critic, batch.mask, 0.1, "residual")
-        want = policy_loss(*args, z_rho, batch.taken) if target == "taken" else policy_loss(*args)
+        advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
+        want = {
+            "vocabulary": policy_loss(*args),
+            "taken": policy_loss(*args, z_rho, batch.taken),
+            "return": policy_loss(*args, z_rho, batch.taken, advantage),
+        }[target]
         logged = []
         train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
         etpo = defaults("etpo", policy_target=target)
         train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
         first[target] = logged[0]["train/policy_loss"]
         assert first[target] == pytest.approx(want.item(), rel=1e-5), target
-    assert abs(first["taken"] - first["vocabulary"]) > 1e-3, first
+    values = sorted(first.values())
+    assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 1e-3, first
 
 
 def critic_after(model, rows, etpo):

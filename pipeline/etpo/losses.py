@@ -3,7 +3,8 @@
     critic:  L_Q  = Huber_delta(Q_phi(w^j) - y_j)                 y_j a constant
              [+ alpha KL(pi_bar || pi_c) over the tokens not taken    the untaken anchor, §1]
     policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached
-             [or pi_T: rho with the critic's advantage at the taken token only   §1]
+             [or pi_T: rho tilted at the taken token only, by the critic's advantage
+              or by the observed return's, y_j - V_j                            §1]
     target:  Q_bar <- (1 - tau) Q_bar + tau Q_phi                 on adapter weights
 
 Means are over valid completion tokens only (`mask`: prompt and padding are 0).
@@ -102,26 +103,39 @@ def optimal_policy_logits(
     return z_rho.log_softmax(-1) + q_values(z_critic, z_rho, beta, parametrisation) / beta
 
 
+def tilted_target(logp_rho: Tensor, taken: Tensor, advantage: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """rho tilted at the taken token only: the unnormalised log-probabilities (..., V) and their
+    log-normaliser log Z (...). logp_rho (..., V); taken, advantage (...).
+
+        log pi_T(w) = log rho(w) + [w = a] A(a) / beta - log Z
+
+    The untaken tokens keep advantage 0, as in a table where fitting Q(s, a) leaves every other
+    Q(s, w) alone, so they keep rho's odds to each other (docs/design.md §1, "Trusting the critic
+    at the taken token only"). A = 0 gives log pi_T = log rho exactly.
+    """
+    log_target = logp_rho.scatter_add(-1, taken.unsqueeze(-1), (advantage / beta).unsqueeze(-1))
+    return log_target, log_target.logsumexp(-1)
+
+
+def critic_advantage(logp_pi: Tensor, logp_rho: Tensor, q: Tensor, taken: Tensor, beta: float) -> Tensor:
+    """The critic's advantage of the taken token, A(a) = Q(a) - V_pi (...), from (..., V) inputs:
+
+        V_pi = E_pi[Q] - beta KL(pi || rho)    (the state's soft value under the current policy)
+
+    The critic's values off a enter only through E_pi[Q], weighted by pi, whose mass on tokens
+    nobody samples is small; the soft value under rho (pi_star's normaliser) would instead let a
+    critic that lifts such tokens by a few nats push every taken token down (docs/design.md §1).
+    Q enters as Q(a) - E_pi[Q], so a per-state constant cancels.
+    """
+    return q.gather(-1, taken.unsqueeze(-1)).squeeze(-1) - soft_value(logp_pi, logp_rho, q, beta)
+
+
 def taken_token_target(
     logp_pi: Tensor, logp_rho: Tensor, q: Tensor, taken: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """The policy target that takes the critic's word at the taken token only: its unnormalised
-    log-probabilities (..., V) and their log-normaliser log Z (...). All inputs (..., V) but taken.
-
-        log pi_T(w) = log rho(w) + [w = a] A(a) / beta - log Z,   A(a) = Q(a) - V_pi
-        V_pi = E_pi[Q] - beta KL(pi || rho)    (the state's soft value under the current policy)
-
-    The untaken tokens keep advantage 0, as in a table where fitting Q(s, a) leaves every other
-    Q(s, w) alone, so the critic's values there get none of the target's mass. They enter only
-    through E_pi[Q], weighted by pi, whose mass on tokens nobody samples is small; the soft value
-    under rho (pi_star's normaliser) would instead let a critic that lifts such tokens by a few
-    nats push every taken token down (docs/design.md §1, "Trusting the critic at the taken token
-    only"). An untrained critic and policy (Q = 0, pi = rho) give log pi_T = log rho exactly.
-    """
-    idx = taken.unsqueeze(-1)
-    advantage = q.gather(-1, idx) - soft_value(logp_pi, logp_rho, q, beta).unsqueeze(-1)
-    log_target = logp_rho.scatter_add(-1, idx, advantage / beta)
-    return log_target, log_target.logsumexp(-1)
+    """`tilted_target` by the critic's advantage (`critic_advantage`): all inputs (..., V) but
+    taken. An untrained critic and policy (Q = 0, pi = rho) give log pi_T = log rho exactly."""
+    return tilted_target(logp_rho, taken, critic_advantage(logp_pi, logp_rho, q, taken, beta), beta)
 
 
 def policy_loss(
@@ -132,6 +146,7 @@ def policy_loss(
     parametrisation: Parametrisation,
     z_rho: Tensor | None = None,
     taken: Tensor | None = None,
+    advantage: Tensor | None = None,
 ) -> Tensor:
     """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
 
@@ -140,24 +155,30 @@ def policy_loss(
     grad KL = sum_w grad pi(w) [log pi(w) - log pi_star(w)] + grad sum_w pi(w), and the last term
     is 0 since pi sums to 1; we drop it by detaching the log-ratio. The value is unchanged, and
     the gradient is exactly 0 when pi == pi_star (instead of rounding noise Adam would amplify).
-    With `taken` (B, T) the target is `taken_token_target`'s pi_T (needs z_rho): the critic's word
-    is taken only where it was fitted, so the tokens nobody sampled (the junk tail a fit at taken
-    tokens drags along, bench/RESULTS.md) get none of the target's mass. Its log Z is added to the
+    With `taken` (B, T) the target is `tilted_target`'s pi_T (needs z_rho): the critic's word is
+    taken only where it was fitted, so the tokens nobody sampled (the junk tail a fit at taken
+    tokens drags along, bench/RESULTS.md) get none of the target's mass. Its advantage is the
+    critic's (`critic_advantage`), or `advantage` (B, T) where given: the observed return's,
+    y_j - V_j (`etpo.policy_target: return`), which does not read z_critic. log Z is added to the
     value outside the detached log-ratio, so pi = pi_T gives exactly zero gradient.
     """
     logp_pi = z_pi.float().log_softmax(-1)
     z_critic = z_critic.detach().float()
-    z_rho = z_rho.detach().float() if z_rho is not None else None
     if taken is None:
+        z_rho = z_rho.detach().float() if z_rho is not None else None
         logp_star = optimal_policy_logits(z_critic, z_rho, beta, parametrisation).log_softmax(-1)
         kl = (logp_pi.exp() * (logp_pi - logp_star).detach()).sum(-1)
-    elif z_rho is None:
+        return masked_mean(kl, mask)
+    if z_rho is None:
         raise ValueError("a policy target at the taken tokens needs the reference's logits z_rho")
-    else:
+    z_rho = z_rho.detach().float()
+    logp_rho = z_rho.log_softmax(-1)
+    if advantage is None:
         # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
         q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
-        log_target, log_z = taken_token_target(logp_pi.detach(), z_rho.log_softmax(-1), q, taken, beta)
-        kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
+        advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
+    log_target, log_z = tilted_target(logp_rho, taken, advantage.detach().float(), beta)
+    kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
     return masked_mean(kl, mask)
 
 

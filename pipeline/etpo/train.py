@@ -8,8 +8,8 @@ Read top to bottom:
 The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
 stage stored (ref_logit, ref_logprob): the reference never changes, so it runs once per action,
 not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
-paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target: taken`
-(rho's shape off the taken token) need a reference pass here.
+paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target` taken or
+return (rho's shape off the taken token) need a reference pass here.
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
@@ -84,14 +84,17 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     step("critic", loss_q)
 
     z_rho = None
-    at_taken = etpo.policy_target == "taken"
+    at_taken = etpo.policy_target != "vocabulary"
     if etpo.parametrisation == "paper" or at_taken:
         with torch.no_grad():
             z_rho = action_logits(model, batch, None)
     # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
     z_pi = action_logits(model, batch, "policy")
     taken = batch.taken if at_taken else None
-    loss_pi = policy_loss(z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation, z_rho, taken)
+    # the observed return's advantage y_j - V_j, both from the targets stage (no critic pass)
+    advantage = y - mb.column("soft_value") if etpo.policy_target == "return" else None
+    args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
+    loss_pi = policy_loss(*args, z_rho, taken, advantage)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
