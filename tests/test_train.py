@@ -401,3 +401,27 @@ def test_batched_targets_and_stats_equal_each_action_alone(tiny_base):
             assert together[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)
         for name, value in action_stats(model, [row], values=True)[0].items():
             assert stats[b][name] == pytest.approx(value, rel=1e-5, abs=1e-5), (b, name)
+
+
+def test_the_stored_advantage_is_the_credit_the_policy_target_uses(tiny_base):
+    """`advantage` (what `etpo credit` draws) is the target critic's Q(w_j) - V_j, except for
+    `policy_target: return`, whose policy is tilted by y_j - V_j; every other column is the same."""
+    model, tokenizer = perturbed(tiny_base, "target")
+    actions = rows_for(model, tokenizer, [1.0, -1.0])
+    rows = [{k: r[k] for k in ("prompt_ids", "completion_ids")} for r in actions]
+    for row, reward in zip(rows, [0.7, -1.0], strict=True):
+        row |= {"reward": reward, "done": True}
+    columns = {
+        target: action_targets(model, rows, [None, None], defaults("etpo", policy_target=target))
+        for target in ("vocabulary", "taken", "return")
+    }
+    for critic, returned in zip(columns["vocabulary"], columns["return"], strict=True):
+        want_critic = torch.tensor(critic["q_taken"]) - torch.tensor(critic["soft_value"])
+        want_return = torch.tensor(returned["q_target"]) - torch.tensor(returned["soft_value"])
+        assert torch.allclose(torch.tensor(critic["advantage"]), want_critic)
+        assert torch.allclose(torch.tensor(returned["advantage"]), want_return)
+        assert not torch.allclose(want_critic, want_return, atol=1e-3)
+        assert {k: v for k, v in critic.items() if k != "advantage"} == {
+            k: v for k, v in returned.items() if k != "advantage"
+        }
+    assert columns["taken"] == columns["vocabulary"]

@@ -63,13 +63,17 @@ def action_targets(
         etpo.beta,
         etpo.lam,
     )
+    # the credit the policy is tilted by (what `etpo credit` draws): the observed return's
+    # y_j - V_j for `policy_target: return`, else the target critic's soft advantage Q(w_j) - V_j
+    returned = etpo.policy_target == "return"
+    advantage = (y if returned else stats.q_taken) - stats.soft_value
     columns = {
         "q_target": y,
         "q_taken": stats.q_taken,
         "soft_value": stats.soft_value,
         "kl_ref": stats.kl_ref,
         "entropy": stats.entropy,
-        "advantage": stats.q_taken - stats.soft_value,  # soft advantage of the taken token
+        "advantage": advantage,
         "ref_logit": stats.ref_logit,  # the reference never changes: train reads these, no forward
         "ref_logprob": stats.ref_logprob,
     }
