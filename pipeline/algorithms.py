@@ -19,6 +19,7 @@ from pipeline.baselines.train import grpo_update, ppo_update
 from pipeline.config import Config
 from pipeline.etpo.targets import etpo_targets
 from pipeline.etpo.train import etpo_update
+from pipeline.models.adapters import PREVIOUS_POLICY, freeze_copy
 from pipeline.models.update import Update
 from pipeline.tasks.prompts import find_fim_tokens, render
 
@@ -52,6 +53,13 @@ def compute_targets(
 def replayed_iterations(config: Config) -> int:
     """How many iterations' actions targets@k and train@k use: M for ETPO (off-policy), else 1."""
     return config.etpo.replay_iterations if config.algo == "etpo" else 1
+
+
+def prepare_update(config: Config, model: PeftModel) -> None:
+    """What an update reads beside the trained adapters, set up as train@k starts: ETPO's proximal
+    term needs pi_k, the policy before any of train@k's steps, frozen."""
+    if config.algo == "etpo" and config.etpo.proximal > 0:
+        freeze_copy(model, "policy", PREVIOUS_POLICY)
 
 
 def update_for(config: Config) -> Update | None:

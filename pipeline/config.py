@@ -159,6 +159,11 @@ class EtpoConfig:
     where it was fitted); `return`, rho tilted there by the observed return's advantage y_j - V_j
     (the targets stage's lambda-return minus its state value; docs/design.md §1). `taken` and
     `return` add a reference pass per minibatch."""
+    proximal: float = field(metadata=_range(0.0, 1e6))
+    """eta, the weight of KL(pi || pi_k) beside beta KL(pi || rho): each train@k projects the policy
+    onto pi_T^(beta / (beta + eta)) pi_k^(eta / (beta + eta)), one mirror-descent step from pi_k (the
+    policy as train@k starts) toward the target, with the same fixed point (docs/design.md §1).
+    0: off, and no extra pass; > 0 adds a pass of a frozen copy of the policy per minibatch."""
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,91 @@ def test_the_return_projection_reaches_rho_tilted_by_each_tokens_summed_advantag
     assert pi[1] > logp_rho.exp()[1] * 1.2 and pi[3] < logp_rho.exp()[3] / 1.2  # it did move
 
 
+def proximal_by_hand(target, z_previous, beta, eta):
+    """pi_target^(beta / (beta + eta)) pi_k^(eta / (beta + eta)), normalised (float64)."""
+    c = beta / (beta + eta)
+    mixed = target.pow(c) * z_previous.softmax(-1).pow(1 - c)
+    return mixed / mixed.sum(-1, keepdim=True)
+
+
+def test_the_proximal_target_interpolates_the_target_and_pi_k_and_is_off_at_eta_zero():
+    """`etpo.proximal` eta: KL(pi || pi_target^c pi_k^(1 - c)), c = beta / (beta + eta), by hand in
+    float64 for the vocabulary target (pi_star = softmax z_critic) and the return target; eta 0
+    gives the plain target's value and gradient bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    z_pi, z_rho, z_critic, z_prev = (torch.randn(2, 3, 9, generator=gen).double() for _ in range(4))
+    taken, advantage = torch.randint(0, 9, (2, 3), generator=gen), torch.randn(2, 3, generator=gen)
+    beta, eta, mask = 0.1, 0.4, torch.ones(2, 3)
+    tilted = z_rho.softmax(-1) * torch.exp(F.one_hot(taken, 9) * advantage[..., None].double() / beta)
+    targets = {"vocabulary": z_critic.softmax(-1), "return": tilted / tilted.sum(-1, keepdim=True)}
+    pi = z_pi.softmax(-1)
+    for name, target in targets.items():
+        extra = {} if name == "vocabulary" else dict(z_rho=z_rho, taken=taken, advantage=advantage)
+        mixed = proximal_by_hand(target, z_prev, beta, eta)
+        want = (pi * (pi.log() - mixed.log())).sum(-1).mean()
+        got = policy_loss(z_pi, z_critic, mask, beta, "residual", **extra, z_previous=z_prev, eta=eta)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (name, got, want)
+        values, grads = [], []
+        for proximal in ({}, dict(z_previous=z_prev, eta=0.0)):
+            z = z_pi.clone().requires_grad_(True)
+            loss = policy_loss(z, z_critic, mask, beta, "residual", **extra, **proximal)
+            loss.backward()
+            values.append(loss)
+            grads.append(z.grad)
+        assert values[0] == values[1] and torch.equal(grads[0], grads[1]), name
+
+
+def test_the_proximal_step_is_zero_where_pi_rho_and_pi_k_agree_and_no_advantage():
+    """At initialisation (pi = rho = pi_k, A = 0) the proximal return target is rho itself: the
+    gradient is exactly zero, not rounding noise that Adam would amplify."""
+    z = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    z_fixed = z.detach().clone()
+    taken, advantage = torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4)
+    loss = policy_loss(z, z_fixed, torch.ones(2, 4), 0.1, "residual", z_fixed, taken, advantage, z_fixed, 0.9)
+    loss.backward()
+    assert (z.grad == 0).all()
+
+
+def minimise_policy_loss(z_rho, taken, advantage, beta, z_previous=None, eta=0.0):
+    """The policy's logits (V,) at one prefix, from rho's, after Adam on the mean `policy_loss` of
+    rows there that took `taken` (N, 1) with `advantage` (N, 1)."""
+    rows, V = len(taken), len(z_rho)
+    z = z_rho.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.02)
+
+    def per_row(logits):  # the prefix's logits, once per row
+        return None if logits is None else logits.expand(rows, 1, V)
+
+    for _ in range(2000):
+        rho_rows, mask = per_row(z_rho), torch.ones(rows, 1)
+        loss = policy_loss(
+            per_row(z), rho_rows, mask, beta, "residual", rho_rows, taken, advantage, per_row(z_previous), eta
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
+def test_the_proximal_projection_moves_a_forced_token_one_step_and_keeps_the_optimum():
+    """One failed body (A = -1) through a forced token (rho 0.99) at beta 0.1: the plain return
+    target drives it to rho e^-10 / Z (0.4%, the rest to rho's alternatives); with eta 0.9 and
+    pi_k = rho, one train stage reaches rho^c pi_k^(1-c) e^(A / (beta + eta)) / Z (~97%), and with
+    pi_k at the plain target that target is the minimiser: the same optimum, reached in steps."""
+    beta, eta = 0.1, 0.9
+    z_rho = torch.tensor([math.log(0.99), *([math.log(0.0025)] * 4)])
+    failed = (torch.tensor([[0]]), torch.tensor([[-1.0]]), beta)  # taken, advantage, beta
+    tilt = torch.tensor([-1.0, 0, 0, 0, 0])
+    plain = minimise_policy_loss(z_rho, *failed).softmax(-1)
+    want_plain = (z_rho.log_softmax(-1) + tilt / beta).softmax(-1)
+    assert torch.allclose(plain, want_plain, atol=1e-3) and plain[0] < 0.01, plain
+    step = minimise_policy_loss(z_rho, *failed, z_previous=z_rho, eta=eta).softmax(-1)
+    want_step = (z_rho.log_softmax(-1) + tilt / (beta + eta)).softmax(-1)  # rho^c rho^(1-c) = rho
+    assert torch.allclose(step, want_step, atol=1e-3) and step[0] > 0.95, step
+    kept = minimise_policy_loss(z_rho, *failed, z_previous=want_plain.log(), eta=eta).softmax(-1)
+    assert torch.allclose(kept, want_plain, atol=1e-3), kept
+
+
 def soft_optimum(rho_logits, reward, L, V, beta):
     """Q* and pi* by backward recursion over the prefix tree; prefixes are tuples."""
     q_star, pi_star = {}, {}

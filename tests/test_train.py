@@ -8,12 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.algorithms import update_for
+from pipeline.algorithms import prepare_update, update_for
 from pipeline.baselines.targets import action_stats
 from pipeline.etpo.losses import policy_loss, untaken_kl
 from pipeline.etpo.targets import action_targets, etpo_targets
 from pipeline.etpo.train import critic_objective, etpo_update
-from pipeline.models.adapters import adapter_parameters, attach_adapters, load_adapters, save_adapters
+from pipeline.models.adapters import (
+    PREVIOUS_POLICY,
+    adapter_parameters,
+    attach_adapters,
+    load_adapters,
+    save_adapters,
+)
 from pipeline.models.base import load_base
 from pipeline.models.logits import (
     PROMPT_SLACK,
@@ -144,6 +150,39 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
         assert first[target] == pytest.approx(want.item(), rel=1e-5), target
     values = sorted(first.values())
     assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 1e-3, first
+
+
+def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(tiny_base, tmp_path):
+    """`etpo.proximal`: `prepare_update` copies the policy into a frozen adapter; the first logged
+    policy loss is `policy_loss` with that copy's logits as pi_k; after the stage's steps the
+    policy moved, the copy did not, and the saved adapters are the usual three."""
+    model, tokenizer = perturbed(tiny_base, "policy")
+    rows = rows_for(model, tokenizer, [1.0, -1.0])
+    for row in rows:
+        row["soft_value"] = [0.1] * len(row["completion_ids"])
+    etpo = defaults("etpo", policy_target="return", proximal=0.5)
+    prepare_update(replace(DEFAULTS, etpo=etpo), model)
+    previous = [p.detach().clone() for p in adapter_parameters(model, PREVIOUS_POLICY)]
+    policy = [p.detach().clone() for p in adapter_parameters(model, "policy")]
+    assert all(torch.equal(a, b) for a, b in zip(previous, policy, strict=True)) and previous
+    batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+    with torch.no_grad():
+        z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)
+        advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
+        args = (z_pi, z_pi, batch.mask, etpo.beta, etpo.parametrisation, z_rho, batch.taken, advantage)
+        want, plain = policy_loss(*args, z_pi, etpo.proximal), policy_loss(*args)
+    logged = []
+    train = defaults("train", epochs=2, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
+    train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
+    assert logged[0]["train/policy_loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert abs(want.item() - plain.item()) > 1e-3
+    after = adapter_parameters(model, PREVIOUS_POLICY)
+    assert all(torch.equal(a, b) for a, b in zip(previous, after, strict=True))
+    moved = adapter_parameters(model, "policy")
+    assert not all(torch.equal(a, b) for a, b in zip(policy, moved, strict=True))
+    save_adapters(model, tmp_path / "adapters")
+    saved = sorted(p.name for p in (tmp_path / "adapters").iterdir() if p.is_dir())
+    assert saved == ["critic", "policy", "target"]
 
 
 def critic_after(model, rows, etpo):

@@ -5,6 +5,7 @@
     policy:  L_pi = KL(pi_theta || pi_star),  pi_star ∝ rho exp(Q_phi / beta),  Q_phi detached
              [or pi_T: rho tilted at the taken token only, by the critic's advantage
               or by the observed return's, y_j - V_j                            §1]
+             [proximal: onto pi_star^(beta / (beta + eta)) pi_k^(eta / (beta + eta))   §1]
     target:  Q_bar <- (1 - tau) Q_bar + tau Q_phi                 on adapter weights
 
 Means are over valid completion tokens only (`mask`: prompt and padding are 0).
@@ -138,6 +139,18 @@ def taken_token_target(
     return tilted_target(logp_rho, taken, critic_advantage(logp_pi, logp_rho, q, taken, beta), beta)
 
 
+def proximal_target(log_target: Tensor, logp_previous: Tensor, beta: float, eta: float) -> Tensor:
+    """pi_target^(beta / (beta + eta)) pi_k^(eta / (beta + eta)), unnormalised, in logs (..., V).
+
+    It solves max_pi E_pi[Q] - beta KL(pi || rho) - eta KL(pi || pi_k) for pi_target ∝ rho exp(Q / beta):
+    log rho + Q / beta gets weight beta / (beta + eta), so each projection moves the policy by at
+    most A / (beta + eta) nats at a token of advantage A, not A / beta, and pi_k = pi_target is
+    its fixed point (docs/design.md §1, "One step at a time"). Written as a move from log_target
+    toward pi_k, so that log_target == logp_previous gives log_target back exactly.
+    """
+    return log_target + eta / (beta + eta) * (logp_previous - log_target)
+
+
 def policy_loss(
     z_pi: Tensor,
     z_critic: Tensor,
@@ -147,6 +160,8 @@ def policy_loss(
     z_rho: Tensor | None = None,
     taken: Tensor | None = None,
     advantage: Tensor | None = None,
+    z_previous: Tensor | None = None,
+    eta: float = 0.0,
 ) -> Tensor:
     """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
 
@@ -161,23 +176,28 @@ def policy_loss(
     critic's (`critic_advantage`), or `advantage` (B, T) where given: the observed return's,
     y_j - V_j (`etpo.policy_target: return`), which does not read z_critic. log Z is added to the
     value outside the detached log-ratio, so pi = pi_T gives exactly zero gradient.
+    With `z_previous` (B, T, V), the logits of pi_k, and eta > 0 the target is `proximal_target`'s
+    step from pi_k toward the one above (`etpo.proximal`).
     """
     logp_pi = z_pi.float().log_softmax(-1)
-    z_critic = z_critic.detach().float()
     if taken is None:
         z_rho = z_rho.detach().float() if z_rho is not None else None
-        logp_star = optimal_policy_logits(z_critic, z_rho, beta, parametrisation).log_softmax(-1)
-        kl = (logp_pi.exp() * (logp_pi - logp_star).detach()).sum(-1)
-        return masked_mean(kl, mask)
-    if z_rho is None:
+        log_target = optimal_policy_logits(z_critic.detach().float(), z_rho, beta, parametrisation)
+        log_target, log_z = log_target.log_softmax(-1), 0.0  # normalised: pi_star itself
+    elif z_rho is None:
         raise ValueError("a policy target at the taken tokens needs the reference's logits z_rho")
-    z_rho = z_rho.detach().float()
-    logp_rho = z_rho.log_softmax(-1)
-    if advantage is None:
-        # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
-        q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
-        advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
-    log_target, log_z = tilted_target(logp_rho, taken, advantage.detach().float(), beta)
+    else:
+        z_rho = z_rho.detach().float()
+        logp_rho = z_rho.log_softmax(-1)
+        if advantage is None:
+            # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
+            z_critic = z_critic.detach().float()
+            q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
+            advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
+        log_target, log_z = tilted_target(logp_rho, taken, advantage.detach().float(), beta)
+    if z_previous is not None and eta > 0:
+        log_target = proximal_target(log_target, z_previous.detach().float().log_softmax(-1), beta, eta)
+        log_z = log_target.logsumexp(-1)
     kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
     return masked_mean(kl, mask)
 

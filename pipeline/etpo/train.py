@@ -4,6 +4,7 @@ Read top to bottom:
     z_critic = critic logits;   L_Q  = Huber(Q_phi(w^j) - y_j)            -> critic step
                                      [+ alpha KL(pi_bar || pi_c) off the taken tokens]
     z_pi     = policy logits;   L_pi = KL(pi || pi_star[z_critic])         -> policy step
+                                     [pi_star^(beta/(beta+eta)) pi_k^(eta/(beta+eta)): proximal]
     target  <- (1 - tau) target + tau critic
 The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
 stage stored (ref_logit, ref_logprob): the reference never changes, so it runs once per action,
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from pipeline.config import EtpoConfig
 from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, untaken_kl
-from pipeline.models.adapters import adapter_parameters
+from pipeline.models.adapters import PREVIOUS_POLICY, adapter_parameters
 from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
 from pipeline.models.tokens import entropy, masked_mean
 from pipeline.models.update import Minibatch, Step
@@ -88,13 +89,17 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     if etpo.parametrisation == "paper" or at_taken:
         with torch.no_grad():
             z_rho = action_logits(model, batch, None)
+    z_previous = None
+    if etpo.proximal > 0:  # pi_k: the policy as train@k started (`pipeline.algorithms.prepare_update`)
+        with torch.no_grad():
+            z_previous = action_logits(model, batch, PREVIOUS_POLICY)
     # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
     z_pi = action_logits(model, batch, "policy")
     taken = batch.taken if at_taken else None
     # the observed return's advantage y_j - V_j, both from the targets stage (no critic pass)
     advantage = y - mb.column("soft_value") if etpo.policy_target == "return" else None
     args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
-    loss_pi = policy_loss(*args, z_rho, taken, advantage)
+    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())

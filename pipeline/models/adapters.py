@@ -13,6 +13,7 @@ critic, whose target network reads `model.target_value_head` on the target adapt
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,6 +29,7 @@ from pipeline.config import Config, LoraConfig
 from pipeline.models.base import load_base
 
 ADAPTERS = ("policy", "critic", "target")
+PREVIOUS_POLICY = "previous"  # a frozen copy of the policy inside one train stage; never saved
 VALUE_HEADS = {"value_head": "value_head.safetensors", "target_value_head": "target_value_head.safetensors"}
 
 
@@ -111,6 +113,19 @@ def load_model(config: Config, base_dir: Path, adapters: Path | None, trainable:
     model, tokenizer = load_base(base_dir, config.model.device, config.model.precision)
     model = load_adapters(model, adapters, trainable) if adapters else attach_adapters(model, config.lora)
     return model, tokenizer
+
+
+def freeze_copy(model: PeftModel, source: str, name: str) -> None:
+    """A frozen copy `name` of adapter `source` (its own LoRA settings), e.g. the policy as a train
+    stage starts (pi_k of ETPO's proximal term). `save_adapters` leaves it out; the active adapter
+    stays `source`."""
+    model.add_adapter(name, copy.deepcopy(model.peft_config[source]))
+    with torch.no_grad():
+        copies, weights = adapter_parameters(model, name), adapter_parameters(model, source)
+        for frozen, weight in zip(copies, weights, strict=True):
+            frozen.copy_(weight)
+            frozen.requires_grad_(False)
+    model.set_adapter(source)
 
 
 def adapter_parameters(model: PeftModel, name: str) -> list[torch.nn.Parameter]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pipeline.algorithms import update_for
+from pipeline.algorithms import prepare_update, update_for
 from pipeline.config import Config
 from pipeline.io import atomic_dir, read_trajectories
 from pipeline.models.adapters import load_model, save_adapters
@@ -41,6 +41,7 @@ def run(
 
         update = update_for(config)
         if update is not None:
+            prepare_update(config, model)
             optimisers = make_optimisers(model, config.train, adapters)  # continued from k-1's
             seed = stream_seed(config.seed, iteration, "train")
             steps = train_adapters(model, rows, update, config.train, seed, log, parallel, optimisers)
