@@ -90,17 +90,24 @@ def setting_labels(exps: list[dict]) -> list[str]:
     """A label per experiment that is equal for runs differing only in seed: algo + unusual params.
 
     A param a run lacks is one added after it ran, with a default that keeps the old behaviour:
-    it counts as the usual value, so a new key does not split old runs from new ones.
+    it counts as the usual value, so a new key does not split old runs from new ones. Another
+    algorithm's section (`etpo.*` for a PPO run) is not read by the run, so it is left out.
     """
+    algos = {"etpo", "ppo", "grpo", "best_of_n"}
+
+    def read_by(algo: str, key: str) -> bool:
+        section = key.split(".", 1)[0]
+        return section not in algos or section == algo
+
     flat = [flatten(e["params"]) for e in exps]
     keys = sorted(set().union(*flat) - {"seed", "algo"})
     usual = {k: Counter(repr(f[k]) for f in flat if k in f).most_common(1)[0][0] for k in keys}
-    return [
-        " ".join(
-            [str(f.get("algo", "etpo"))] + [f"{k}={f[k]}" for k in keys if k in f and repr(f[k]) != usual[k]]
-        )
-        for f in flat
-    ]
+    labels = []
+    for f in flat:
+        algo = str(f.get("algo", "etpo"))
+        unusual = [f"{k}={f[k]}" for k in keys if k in f and repr(f[k]) != usual[k] and read_by(algo, k)]
+        labels.append(" ".join([algo, *unusual]))
+    return labels
 
 
 def read_rewards(rev: str | None, k: int) -> np.ndarray:
