@@ -346,7 +346,7 @@ def credit(
     task: Annotated[Optional[str], typer.Option(help="Only this task's actions.")] = None,  # noqa: UP045
     png: Annotated[Optional[Path], typer.Option(help="Also draw them into this PNG.")] = None,  # noqa: UP045
 ) -> None:
-    """Actions with every token coloured by its advantage (ETPO: Q(w_j) - V_j) and its KL."""
+    """Actions with every token coloured by its advantage (ETPO: Q(w_j) - V_j, or y_j - V_j) and its KL."""
     import polars as pl
     from transformers import AutoTokenizer
 

@@ -338,7 +338,7 @@ def minimise_policy_loss(z_rho, taken, advantage, beta, z_previous=None, eta=0.0
 
 def test_the_proximal_projection_moves_a_forced_token_one_step_and_keeps_the_optimum():
     """One failed body (A = -1) through a forced token (rho 0.99) at beta 0.1: the plain return
-    target drives it to rho e^-10 / Z (0.4%, the rest to rho's alternatives); with eta 0.9 and
+    target drives it to rho e^-10 / Z (0.45%, the rest to rho's alternatives); with eta 0.9 and
     pi_k = rho, one train stage reaches rho^c pi_k^(1-c) e^(A / (beta + eta)) / Z (~97%), and with
     pi_k at the plain target that target is the minimiser: the same optimum, reached in steps."""
     beta, eta = 0.1, 0.9

@@ -153,9 +153,9 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
 
 
 def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(tiny_base, tmp_path):
-    """`etpo.proximal`: `prepare_update` copies the policy into a frozen adapter; the first logged
-    policy loss is `policy_loss` with that copy's logits as pi_k; after the stage's steps the
-    policy moved, the copy did not, and the saved adapters are the usual three."""
+    """`etpo.proximal`: `prepare_update` copies the policy into an adapter no optimiser holds; a
+    step taken after the policy moved logs `policy_loss` with the *start's* logits as pi_k (not
+    the current policy's); the copy never moves, and the saved adapters are the usual three."""
     model, tokenizer = perturbed(tiny_base, "policy")
     rows = rows_for(model, tokenizer, [1.0, -1.0])
     for row in rows:
@@ -166,16 +166,22 @@ def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(ti
     policy = [p.detach().clone() for p in adapter_parameters(model, "policy")]
     assert all(torch.equal(a, b) for a, b in zip(previous, policy, strict=True)) and previous
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
+    advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
     with torch.no_grad():
-        z_pi, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)
-        advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
-        args = (z_pi, z_pi, batch.mask, etpo.beta, etpo.parametrisation, z_rho, batch.taken, advantage)
-        want, plain = policy_loss(*args, z_pi, etpo.proximal), policy_loss(*args)
+        z_start, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)
+    # one minibatch of both rows: one step per call
+    train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
+    update = partial(etpo_update, etpo=etpo)
+    train_adapters(model, rows, update, train, seed=0)
+    with torch.no_grad():
+        z_moved = action_logits(model, batch, "policy")
+        args = (z_moved, z_moved, batch.mask, etpo.beta, etpo.parametrisation, z_rho, batch.taken, advantage)
+        want = policy_loss(*args, z_start, etpo.proximal)
+        from_current = policy_loss(*args, z_moved, etpo.proximal)
     logged = []
-    train = defaults("train", epochs=2, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
-    train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
+    train_adapters(model, rows, update, train, seed=0, log=logged.append)
     assert logged[0]["train/policy_loss"] == pytest.approx(want.item(), rel=1e-5)
-    assert abs(want.item() - plain.item()) > 1e-3
+    assert abs(want.item() - from_current.item()) > 1e-4
     after = adapter_parameters(model, PREVIOUS_POLICY)
     assert all(torch.equal(a, b) for a, b in zip(previous, after, strict=True))
     moved = adapter_parameters(model, "policy")

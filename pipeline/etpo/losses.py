@@ -143,10 +143,10 @@ def proximal_target(log_target: Tensor, logp_previous: Tensor, beta: float, eta:
     """pi_target^(beta / (beta + eta)) pi_k^(eta / (beta + eta)), unnormalised, in logs (..., V).
 
     It solves max_pi E_pi[Q] - beta KL(pi || rho) - eta KL(pi || pi_k) for pi_target ∝ rho exp(Q / beta):
-    log rho + Q / beta gets weight beta / (beta + eta), so each projection moves the policy by at
-    most A / (beta + eta) nats at a token of advantage A, not A / beta, and pi_k = pi_target is
-    its fixed point (docs/design.md §1, "One step at a time"). Written as a move from log_target
-    toward pi_k, so that log_target == logp_previous gives log_target back exactly.
+    each projection goes a fraction beta / (beta + eta) of the log-distance from pi_k to the
+    target (A / (beta + eta) nats at a token of advantage A while pi_k = rho, not A / beta), and
+    pi_k = pi_target is its fixed point (docs/design.md §1, "One step at a time"). Written as a
+    move from log_target toward pi_k, so that log_target == logp_previous gives it back exactly.
     """
     return log_target + eta / (beta + eta) * (logp_previous - log_target)
 
@@ -195,7 +195,9 @@ def policy_loss(
             q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
             advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
         log_target, log_z = tilted_target(logp_rho, taken, advantage.detach().float(), beta)
-    if z_previous is not None and eta > 0:
+    if eta > 0:
+        if z_previous is None:
+            raise ValueError("a proximal policy target (eta > 0) needs pi_k's logits z_previous")
         log_target = proximal_target(log_target, z_previous.detach().float().log_softmax(-1), beta, eta)
         log_z = log_target.logsumexp(-1)
     kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
