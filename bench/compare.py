@@ -36,11 +36,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pipeline.errors import ArtifactError
 from pipeline.io import read_json, write_json
 from pipeline.stats import Interval, bootstrap_mean, samples_needed
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults a key added later has
 SUMMARY = "data/report/summary.json"
 REWARDS = "data/iterations/{k:03d}/eval/rewards.json"
 REFERENCE = "best_of_n"
@@ -90,7 +92,8 @@ def setting_labels(exps: list[dict]) -> list[str]:
     """A label per experiment that is equal for runs differing only in seed: algo + unusual params.
 
     A param a run lacks is one added after it ran, with a default that keeps the old behaviour:
-    it counts as the usual value, so a new key does not split old runs from new ones. Another
+    it counts as that default, this repository's params.yaml value, so a new key does not split
+    old runs from new ones at its default and does label new runs that set it. Another
     algorithm's section (`etpo.*` for a PPO run) is not read by the run, so it is left out.
     """
     algos = {"etpo", "ppo", "grpo", "best_of_n"}
@@ -99,7 +102,8 @@ def setting_labels(exps: list[dict]) -> list[str]:
         section = key.split(".", 1)[0]
         return section not in algos or section == algo
 
-    flat = [flatten(e["params"]) for e in exps]
+    defaults = flatten(yaml.safe_load(PARAMS.read_text())) if PARAMS.exists() else {}
+    flat = [defaults | flatten(e["params"]) for e in exps]
     keys = sorted(set().union(*flat) - {"seed", "algo"})
     usual = {k: Counter(repr(f[k]) for f in flat if k in f).most_common(1)[0][0] for k in keys}
     labels = []

@@ -254,6 +254,17 @@ def test_compare_keeps_run_records_that_give_the_same_table_without_dvc(repo_cop
         record["params"]["etpo"]["beta"] = 0.7  # and a section PPO does not read: no new setting
         path.write_text(json.dumps(record))
     assert run([sys.executable, str(compare), "--runs", str(tmp_path)], elsewhere) == from_dvc
+    for path in tmp_path.glob("*.json"):  # a key only a new run has, set away from its default
+        record = json.loads(path.read_text())
+        prompt = record["params"]["prompt"]
+        if path.stem == "best_of_n-s1":
+            prompt["max_error_chars"] = 123
+        else:
+            del prompt["max_error_chars"]
+        path.write_text(json.dumps(record))
+    rows = table_rows(run([sys.executable, str(compare), "--runs", str(tmp_path)], elsewhere))
+    seeds = {label: row[2].strip() for label, row in rows.items()}
+    assert seeds["best_of_n prompt.max_error_chars=123"] == "1" and seeds["best_of_n"] == "1", seeds
     (tmp_path / "broken.json").write_text('{"name": "broken"')
     with pytest.raises(AssertionError, match="broken.json: not valid JSON"):
         run([sys.executable, str(compare), "--runs", str(tmp_path)], elsewhere)
