@@ -34,10 +34,12 @@ import statistics
 import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import yaml
 
+from pipeline.config import Config
 from pipeline.errors import ArtifactError
 from pipeline.io import read_json, write_json
 from pipeline.stats import Interval, bootstrap_mean, samples_needed
@@ -96,7 +98,7 @@ def setting_labels(exps: list[dict]) -> list[str]:
     old runs from new ones at its default and does label new runs that set it. Another
     algorithm's section (`etpo.*` for a PPO run) is not read by the run, so it is left out.
     """
-    algos = {"etpo", "ppo", "grpo", "best_of_n"}
+    algos = set(get_args(get_type_hints(Config)["algo"]))
 
     def read_by(algo: str, key: str) -> bool:
         section = key.split(".", 1)[0]

@@ -13,7 +13,9 @@ token, but unbounded below. `--params` must be the run's (`git show EXP:params.y
 actions as a targets table whose `advantage` is this critic's beta log(pi_c / rho)(w), that is
 Q(w) - beta log E_rho exp(Q / beta), so `etpo credit FILE --png` shows where the update itself
 pushes, token by token. Only `advantage` is replaced (q_taken, soft_value and kl_ref stay the
-targets file's). The targets file's own `advantage` comes from the target critic before train@k.
+targets file's). The targets file's own `advantage` is what tilted the policy in train@k: the
+target critic's Q - V before train@k, or y - V with `etpo.policy_target: return`, where this
+probe's critic advantage is not what the policy was pulled toward.
 """
 
 from __future__ import annotations
