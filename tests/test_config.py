@@ -66,6 +66,14 @@ def test_warped_sampling_is_refused_for_the_training_algorithms(tmp_path, algo, 
     assert load_config(write(tmp_path, f"algo: best_of_n\nsampling: {{{key}: {value}}}")).sampling
 
 
+def test_importance_weighting_needs_a_taken_token_target(tmp_path):
+    """`etpo.importance` weights the tilt at the taken token; the vocabulary target has none."""
+    with pytest.raises(ConfigError, match="etpo.importance: true weights the taken token's tilt"):
+        load_config(write(tmp_path, "etpo: {importance: true, policy_target: vocabulary}"))
+    assert load_config(write(tmp_path, "etpo: {importance: true, policy_target: return}")).etpo.importance
+    assert load_config(write(tmp_path, "algo: ppo\netpo: {importance: true}")).algo == "ppo"  # not read
+
+
 def test_every_key_must_be_set(tmp_path):
     """params.yaml is the one source of defaults: a missing key is an error, not a hidden default."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -123,14 +123,16 @@ def perturbed(tiny_base, adapter):
 
 def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
     """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
-    for `policy_target: taken`, with the stored y - V as well for `return`, and with neither for
-    `vocabulary`; the three differ (a critic perturbed away from rho and held there)."""
+    for `policy_target: taken`, with the stored y - V as well for `return`, with the stored
+    behaviour log-probs as well for `etpo.importance`, and with none for `vocabulary`; the four
+    differ (a critic perturbed away from rho and held there)."""
     first = {}
-    for target in ("vocabulary", "taken", "return"):
+    for target in ("vocabulary", "taken", "return", "importance"):
         model, tokenizer = perturbed(tiny_base, "critic")
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         for row, value in zip(rows, [0.3, -0.2], strict=True):
             row["soft_value"] = [value] * len(row["completion_ids"])
+            row["behaviour_logprobs"] = [-0.5 - 0.25 * j for j in range(len(row["completion_ids"]))]
         batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         with torch.no_grad():
             z_pi, z_critic = action_logits(model, batch, "policy"), action_logits(model, batch, "critic")
@@ -141,10 +143,20 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
             "vocabulary": policy_loss(*args),
             "taken": policy_loss(*args, z_rho, batch.taken),
             "return": policy_loss(*args, z_rho, batch.taken, advantage),
+            "importance": policy_loss(
+                *args,
+                z_rho,
+                batch.taken,
+                advantage,
+                behaviour_logprob=per_token(rows, "behaviour_logprobs", batch),
+            ),
         }[target]
         logged = []
         train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
-        etpo = defaults("etpo", policy_target=target)
+        setting = {"importance": dict(policy_target="return", importance=True)}.get(
+            target, dict(policy_target=target)
+        )
+        etpo = defaults("etpo", **setting)
         train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
         first[target] = logged[0]["train/policy_loss"]
         assert first[target] == pytest.approx(want.item(), rel=1e-5), target

@@ -99,7 +99,8 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     # the observed return's advantage y_j - V_j, both from the targets stage (no critic pass)
     advantage = y - mb.column("soft_value") if etpo.policy_target == "return" else None
     args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
-    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal)
+    behaviour = mb.column("behaviour_logprobs") if etpo.importance else None  # log mu(a), as drawn
+    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal, behaviour)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
