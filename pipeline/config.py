@@ -164,10 +164,11 @@ class EtpoConfig:
     onto pi_T^(beta / (beta + eta)) pi_k^(eta / (beta + eta)), one mirror-descent step from pi_k (the
     policy as train@k starts) toward the target, with the same fixed point (docs/design.md §1).
     0: off, and no extra pass; > 0 adds a pass of a frozen copy of the policy per minibatch."""
-    importance: bool
-    """`taken` and `return`: tilt the taken token by A / mu(a), mu the probability with which the
-    behaviour policy drew it, so that on average over mu's draws every token gets its own
-    advantage, not mu(w) times it (docs/design.md §1). Needs a taken-token target."""
+    importance: float = field(metadata=_range(1.0, 1e6))
+    """`taken` and `return`: tilt the taken token by A times min(1 / mu(a), importance), mu(a) the
+    probability with which the behaviour policy drew it, so that on average over mu's draws each
+    token gets its own advantage, not mu(w) times it (docs/design.md §1). 1: off (weight 1, no
+    change); a cap C weights tokens with mu >= 1 / C exactly. Needs a taken-token target."""
 
 
 @dataclass(frozen=True)
@@ -351,9 +352,9 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     _check_iterations(config.iterations)
     _check_evals(config.eval.iterations, list(config.iterations))
     _check_sampling(config.sampling, config.algo)
-    if config.algo == "etpo" and config.etpo.importance and config.etpo.policy_target == "vocabulary":
+    if config.algo == "etpo" and config.etpo.importance > 1 and config.etpo.policy_target == "vocabulary":
         raise ConfigError(
-            "etpo.importance: true weights the taken token's tilt; set etpo.policy_target: taken or return"
+            "etpo.importance: > 1 weights the taken token's tilt; set etpo.policy_target: taken or return"
         )
     return config
 

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.etpo.bellman import q_targets, q_values, token_stats
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, taken_token_target, untaken_kl
+from pipeline.etpo.losses import (
+    critic_loss,
+    importance_weights,
+    policy_loss,
+    polyak_update,
+    taken_token_target,
+    untaken_kl,
+)
 
 
 def loop_q(zt, zr, v, beta, param):
@@ -270,18 +277,19 @@ def test_the_return_projection_reaches_rho_tilted_by_each_tokens_summed_advantag
     assert pi[1] > logp_rho.exp()[1] * 1.2 and pi[3] < logp_rho.exp()[3] / 1.2  # it did move
 
 
-def expected_return_projection(z_rho, behaviour, advantage, beta, **weighting):
+def expected_return_projection(z_rho, logp_mu, advantage, beta, cap=None):
     """The policy that minimises the mean of KL(pi || pi_T) over one row per token a at a single
     prefix, each row weighted by mu(a): the expectation over the behaviour policy's draws, exactly
-    (masked_mean with mask mu is the mu-weighted mean)."""
+    (masked_mean with mask mu is the mu-weighted mean). `cap`: `etpo.importance`'s weights."""
     V = len(z_rho)
     z = z_rho.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.05)
     expand, taken = (V, 1, V), torch.arange(V)[:, None]
+    weights = importance_weights(logp_mu[:, None], cap) if cap else None
     for _ in range(3000):
         loss = policy_loss(
-            z.expand(expand), z_rho.expand(expand), behaviour.exp()[:, None], beta, "residual",
-            z_rho=z_rho.expand(expand), taken=taken, advantage=advantage[:, None], **weighting,
+            z.expand(expand), z_rho.expand(expand), logp_mu.exp()[:, None], beta, "residual",
+            z_rho=z_rho.expand(expand), taken=taken, advantage=advantage[:, None], importance=weights,
         )  # fmt: skip
         opt.zero_grad()
         loss.backward()
@@ -292,45 +300,52 @@ def expected_return_projection(z_rho, behaviour, advantage, beta, **weighting):
 def test_weighting_the_tilt_by_the_behaviour_probability_removes_its_bias():
     """Over mu's draws, a row tilting only its taken token a by A(a) gives each token w the tilt
     mu(w) A(w) on average: the projection lands on rho exp(mu A / beta), not the KL-regularised
-    optimum rho exp(A / beta). `etpo.importance` tilts by A(a) / mu(a) and lands on the optimum
-    (docs/design.md §1, "Weighting by the behaviour policy"). Here mu = rho: iteration 1."""
+    optimum rho exp(A / beta). `etpo.importance` tilts by A(a) min(1 / mu(a), cap): uncapped it
+    lands on the optimum, capped on rho exp(min(1, cap mu) A / beta) (docs/design.md §1,
+    "Weighting by the behaviour policy"). mu is neither rho nor the policy."""
     gen = torch.Generator().manual_seed(0)
     V, beta = 6, 0.1
-    z_rho = torch.randn(V, generator=gen)
-    logp_rho = z_rho.log_softmax(-1)
+    z_rho, z_mu = torch.randn(V, generator=gen), torch.randn(V, generator=gen)
+    logp_rho, logp_mu = z_rho.log_softmax(-1), z_mu.log_softmax(-1)
+    mu = logp_mu.exp()
     advantage = torch.tensor([0.3, -0.5, 0.1, 0.0, 0.2, -0.2])
-    plain = expected_return_projection(z_rho, logp_rho, advantage, beta)
-    weighted = expected_return_projection(
-        z_rho, logp_rho, advantage, beta, behaviour_logprob=logp_rho[:, None]
-    )
     optimum = (logp_rho + advantage / beta).softmax(-1)
-    assert torch.allclose(weighted, optimum, atol=2e-3), (weighted, optimum)
-    assert torch.allclose(plain, (logp_rho + logp_rho.exp() * advantage / beta).softmax(-1), atol=2e-3)
-    assert (plain.log() - optimum.log()).abs().max() > 1.0  # nats: the bias is not a rounding matter
+    for cap, share in ((None, mu), (1e6, torch.ones(V)), (4.0, (4.0 * mu).clamp(max=1.0))):
+        pi = expected_return_projection(z_rho, logp_mu, advantage, beta, cap)
+        want = (logp_rho + share * advantage / beta).softmax(-1)
+        assert torch.allclose(pi, want, atol=2e-3), (cap, pi, want)
+        if cap != 1e6:  # biased: nats away from the optimum at some token, not a rounding matter
+            assert (pi.log() - optimum.log()).abs().max() > 1.0, cap
 
 
 def test_the_weighted_tilt_starts_as_the_policy_gradient_of_the_regularised_return():
-    """At pi = rho = mu (iteration 1) one row's gradient in the logits is -(A / beta) (e_a - pi):
-    the policy gradient of E[A] - beta KL(pi || rho), whatever mu(a); the unweighted tilt's is
-    mu(a) times that. With the proximal step both scale by beta / (beta + eta)."""
+    """At pi = pi_k = mu (the policy that sampled), rho elsewhere, one row's gradient in the logits
+    is c [grad KL(pi || rho) - (A / beta)(e_a - pi)], c = beta / (beta + eta) (1 without the
+    proximal step): the policy gradient of E[A] - beta KL(pi || rho), whatever mu(a). The
+    unweighted tilt's advantage part is mu(a) times that."""
     gen = torch.Generator().manual_seed(3)
     V, beta, eta = 7, 0.1, 0.3
-    z_rho = 2.0 * torch.randn(1, 1, V, generator=gen, dtype=torch.float64)
-    pi = z_rho.softmax(-1)[0, 0]
+    z_rho, z_mu = (2.0 * torch.randn(1, 1, V, generator=gen, dtype=torch.float64) for _ in range(2))
+    z = z_mu.clone().requires_grad_(True)
+    logp, logp_rho = z.log_softmax(-1), z_rho.log_softmax(-1)
+    (grad_kl,) = torch.autograd.grad((logp.exp() * (logp - logp_rho)).sum(), z)
+    pi = z_mu.softmax(-1)[0, 0]
     for a, advantage in ((int(pi.argmin()), 0.7), (int(pi.argmax()), -0.4)):
         taken, adv = torch.tensor([[a]]), torch.tensor([[advantage]], dtype=torch.float64)
-        behaviour = z_rho.log_softmax(-1)[..., a]
+        weights = importance_weights(z_mu.log_softmax(-1)[..., a], 1e6)
         pg = -(advantage / beta) * (F.one_hot(torch.tensor(a), V).double() - pi)
-        for weighting, scale in ((dict(behaviour_logprob=behaviour), 1.0), ({}, float(pi[a]))):
-            for proximal, step in (({}, 1.0), (dict(z_previous=z_rho, eta=eta), beta / (beta + eta))):
-                z = z_rho.clone().requires_grad_(True)
+        for weighting, scale in ((dict(importance=weights), 1.0), ({}, float(pi[a]))):
+            for proximal, c in (({}, 1.0), (dict(z_previous=z_mu, eta=eta), beta / (beta + eta))):
+                z = z_mu.clone().requires_grad_(True)
                 loss = policy_loss(
                     z, z_rho, torch.ones(1, 1), beta, "residual", z_rho, taken, adv, **proximal, **weighting
                 )
                 loss.backward()
-                assert torch.allclose(z.grad[0, 0].double(), scale * step * pg, rtol=1e-4, atol=1e-6), (
+                want = c * (grad_kl[0, 0] + scale * pg)
+                assert torch.allclose(z.grad[0, 0].double(), want, rtol=1e-4, atol=1e-6), (
                     a,
                     weighting,
+                    proximal,
                 )
 
 

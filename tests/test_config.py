@@ -68,10 +68,12 @@ def test_warped_sampling_is_refused_for_the_training_algorithms(tmp_path, algo, 
 
 def test_importance_weighting_needs_a_taken_token_target(tmp_path):
     """`etpo.importance` weights the tilt at the taken token; the vocabulary target has none."""
-    with pytest.raises(ConfigError, match="etpo.importance: true weights the taken token's tilt"):
-        load_config(write(tmp_path, "etpo: {importance: true, policy_target: vocabulary}"))
-    assert load_config(write(tmp_path, "etpo: {importance: true, policy_target: return}")).etpo.importance
-    assert load_config(write(tmp_path, "algo: ppo\netpo: {importance: true}")).algo == "ppo"  # not read
+    with pytest.raises(ConfigError, match="etpo.importance: > 1 weights the taken token's tilt"):
+        load_config(write(tmp_path, "etpo: {importance: 10, policy_target: vocabulary}"))
+    assert load_config(write(tmp_path, "etpo: {importance: 10, policy_target: return}")).etpo.importance == 10
+    assert load_config(write(tmp_path, "algo: ppo\netpo: {importance: 10}")).algo == "ppo"  # not read
+    with pytest.raises(ConfigError, match="etpo.importance: 0.5 is out of range"):
+        load_config(write(tmp_path, "etpo: {importance: 0.5, policy_target: return}"))
 
 
 def test_every_key_must_be_set(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.algorithms import prepare_update, update_for
 from pipeline.baselines.targets import action_stats
-from pipeline.etpo.losses import policy_loss, untaken_kl
+from pipeline.etpo.losses import importance_weights, policy_loss, untaken_kl
 from pipeline.etpo.targets import action_targets, etpo_targets
 from pipeline.etpo.train import critic_objective, etpo_update
 from pipeline.models.adapters import (
@@ -139,21 +139,18 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
             z_rho = action_logits(model, batch, None)
         args = (z_pi, z_critic, batch.mask, 0.1, "residual")
         advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
+        behaviour = per_token(rows, "behaviour_logprobs", batch)
         want = {
             "vocabulary": policy_loss(*args),
             "taken": policy_loss(*args, z_rho, batch.taken),
             "return": policy_loss(*args, z_rho, batch.taken, advantage),
             "importance": policy_loss(
-                *args,
-                z_rho,
-                batch.taken,
-                advantage,
-                behaviour_logprob=per_token(rows, "behaviour_logprobs", batch),
+                *args, z_rho, batch.taken, advantage, importance=importance_weights(behaviour, 10.0)
             ),
         }[target]
         logged = []
         train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
-        setting = {"importance": dict(policy_target="return", importance=True)}.get(
+        setting = {"importance": dict(policy_target="return", importance=10.0)}.get(
             target, dict(policy_target=target)
         )
         etpo = defaults("etpo", **setting)

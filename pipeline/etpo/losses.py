@@ -13,6 +13,7 @@ Means are over valid completion tokens only (`mask`: prompt and padding are 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -139,16 +140,19 @@ def taken_token_target(
     return tilted_target(logp_rho, taken, critic_advantage(logp_pi, logp_rho, q, taken, beta), beta)
 
 
-def importance_weighted(advantage: Tensor, behaviour_logprob: Tensor) -> Tensor:
-    """A(a) / mu(a) (...): the one-sample estimate of the whole row A(.) that tilts only the taken
-    token a ~ mu, [w = a] A(a) / mu(a), has mean A(w) over mu's draws. Without it a token's tilt
-    is, on average, mu(w) A(w): rows at a prefix pull the policy to rho exp(mu A / beta) (the
-    geometric mean of their targets), so a token the behaviour policy gives a tenth keeps a tenth
-    of its advantage, as if beta were ten times larger there (docs/design.md §1, "Weighting by
-    the behaviour policy"). The log-weight is capped at 80 nats only so that it stays finite in
-    float32 (e^80 ~ 5.5e34): a token with mu below e^-80 is never drawn.
+def importance_weights(behaviour_logprob: Tensor, cap: float) -> Tensor:
+    """min(1 / mu(a), cap) (...), from log mu(a) of the policy that drew each taken token.
+
+    The one-sample estimate of the whole row A(.) that tilts only the taken token a ~ mu,
+    [w = a] A(a) / mu(a), has mean A(w) over mu's draws. Without the weight a token's tilt is, on
+    average, mu(w) A(w): rows at a prefix pull the policy to rho exp(mu A / beta) (the geometric
+    mean of their targets), so a token the behaviour policy gives a tenth keeps a tenth of its
+    advantage, as if beta were ten times larger there (docs/design.md §1, "Weighting by the
+    behaviour policy"). The cap truncates the weight as V-trace does: tokens with mu >= 1 / cap
+    are weighted exactly, rarer ones by cap, which bounds the tilt (a rare token's 1 / mu would
+    otherwise ask for hundreds of nats) at the price of a bias toward today's mu A there.
     """
-    return advantage * (-behaviour_logprob).clamp(max=80.0).exp()
+    return (-behaviour_logprob).clamp(max=math.log(cap)).exp()
 
 
 def proximal_target(log_target: Tensor, logp_previous: Tensor, beta: float, eta: float) -> Tensor:
@@ -174,7 +178,7 @@ def policy_loss(
     advantage: Tensor | None = None,
     z_previous: Tensor | None = None,
     eta: float = 0.0,
-    behaviour_logprob: Tensor | None = None,
+    importance: Tensor | None = None,
 ) -> Tensor:
     """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
 
@@ -189,8 +193,8 @@ def policy_loss(
     critic's (`critic_advantage`), or `advantage` (B, T) where given: the observed return's,
     y_j - V_j (`etpo.policy_target: return`), which does not read z_critic. log Z is added to the
     value outside the detached log-ratio, so pi = pi_T gives exactly zero gradient.
-    With `behaviour_logprob` (B, T), log mu(a) of the policy that drew each taken token, the tilt
-    is `importance_weighted`'s A / mu(a) (`etpo.importance`). With `z_previous` (B, T, V), the
+    With `importance` (B, T), `importance_weights` of the taken tokens, the tilt is A times it:
+    A / mu(a) up to the cap (`etpo.importance`). With `z_previous` (B, T, V), the
     logits of pi_k, and eta > 0 the target is `proximal_target`'s step from pi_k toward the one
     above (`etpo.proximal`).
     """
@@ -210,8 +214,8 @@ def policy_loss(
             q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
             advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
         advantage = advantage.detach().float()
-        if behaviour_logprob is not None:
-            advantage = importance_weighted(advantage, behaviour_logprob.detach().float())
+        if importance is not None:
+            advantage = advantage * importance.detach().float()
         log_target, log_z = tilted_target(logp_rho, taken, advantage, beta)
     if eta > 0:
         if z_previous is None:

@@ -21,7 +21,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from pipeline.config import EtpoConfig
-from pipeline.etpo.losses import critic_loss, policy_loss, polyak_update, untaken_kl
+from pipeline.etpo.losses import critic_loss, importance_weights, policy_loss, polyak_update, untaken_kl
 from pipeline.models.adapters import PREVIOUS_POLICY, adapter_parameters
 from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
 from pipeline.models.tokens import entropy, masked_mean
@@ -99,8 +99,10 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     # the observed return's advantage y_j - V_j, both from the targets stage (no critic pass)
     advantage = y - mb.column("soft_value") if etpo.policy_target == "return" else None
     args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
-    behaviour = mb.column("behaviour_logprobs") if etpo.importance else None  # log mu(a), as drawn
-    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal, behaviour)
+    weights = None  # min(1 / mu(a), cap), mu the policy that drew the token (this or a replayed iteration)
+    if etpo.importance > 1:
+        weights = importance_weights(mb.column("behaviour_logprobs"), etpo.importance)
+    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal, weights)
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
