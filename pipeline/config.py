@@ -352,11 +352,17 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     _check_iterations(config.iterations)
     _check_evals(config.eval.iterations, list(config.iterations))
     _check_sampling(config.sampling, config.algo)
-    if config.algo == "etpo" and config.etpo.importance > 1 and config.etpo.policy_target == "vocabulary":
+    if config.algo == "etpo":
+        _check_etpo(config.etpo)
+    return config
+
+
+def _check_etpo(etpo: EtpoConfig) -> None:
+    """The importance weight applies to a tilt at the taken token, which `vocabulary` has not."""
+    if etpo.importance > 1 and etpo.policy_target == "vocabulary":
         raise ConfigError(
             "etpo.importance: > 1 weights the taken token's tilt; set etpo.policy_target: taken or return"
         )
-    return config
 
 
 def _check_sampling(sampling: SamplingConfig, algo: str) -> None:
