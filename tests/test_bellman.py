@@ -213,6 +213,18 @@ def test_the_return_target_is_rho_tilted_by_the_given_advantage_and_ignores_the_
     assert losses[0] == losses[1] and torch.equal(grads[0], grads[1])
 
 
+def adam_minimise(loss_of, z_start, lr, steps):
+    """The logits after `steps` of Adam on loss_of(z) from `z_start`: the projections' stationary
+    points found numerically, for the tests that compare them with a closed form."""
+    z = z_start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(z).backward()
+        opt.step()
+    return z.detach()
+
+
 def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_the_samples():
     """At one prefix whose rows took tokens with frequencies f, the stationary point of the mean of
     KL(pi || pi_T) is pi ∝ rho exp(f (Q - V_pi) / beta) (the geometric mean of the rows' targets,
@@ -223,23 +235,15 @@ def test_the_taken_token_projection_reaches_rho_tilted_by_each_tokens_share_of_t
     z_critic = z_rho + torch.randn(V, generator=gen)  # Q / beta = z_critic - z_rho: about a nat
     taken = torch.tensor([[0], [0], [1], [3]])  # f = (1/2, 1/4, 0, 1/4, 0)
     f = torch.bincount(taken[:, 0], minlength=V).float() / len(taken)
-    z = z_rho.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.02)
-    rows = len(taken)
-    for _ in range(3000):
-        loss = policy_loss(
-            z.expand(rows, 1, V),
-            z_critic.expand(rows, 1, V),
-            torch.ones(rows, 1),
-            beta,
-            "residual",
-            z_rho=z_rho.expand(rows, 1, V),
-            taken=taken,
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pi = z.detach().softmax(-1)
+    expand = (len(taken), 1, V)
+
+    def loss_of(z):
+        return policy_loss(
+            z.expand(expand), z_critic.expand(expand), torch.ones(len(taken), 1), beta, "residual",
+            z_rho=z_rho.expand(expand), taken=taken,
+        )  # fmt: skip
+
+    pi = adam_minimise(loss_of, z_rho, 0.02, 3000).softmax(-1)
     q, logp_rho = beta * (z_critic - z_rho), z_rho.log_softmax(-1)
     v_pi = (pi * q).sum() - beta * (pi * (pi.log() - logp_rho)).sum()
     want = (logp_rho + f * (q - v_pi) / beta).softmax(-1)
@@ -258,19 +262,15 @@ def test_the_return_projection_reaches_rho_tilted_by_each_tokens_summed_advantag
     taken = torch.tensor([[0], [0], [1], [3], [3]])
     advantage = torch.tensor([[0.2], [-0.2], [0.15], [-0.05], [-0.1]])
     g = torch.zeros(V).index_add_(0, taken[:, 0], advantage[:, 0]) / len(taken)  # (0, 0.03, 0, -0.03, 0)
-    z = z_rho.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.02)
-    rows = len(taken)
-    for _ in range(3000):
-        expand = (rows, 1, V)
-        loss = policy_loss(
-            z.expand(expand), z_rho.expand(expand), torch.ones(rows, 1), beta, "residual",
+    expand = (len(taken), 1, V)
+
+    def loss_of(z):
+        return policy_loss(
+            z.expand(expand), z_rho.expand(expand), torch.ones(len(taken), 1), beta, "residual",
             z_rho=z_rho.expand(expand), taken=taken, advantage=advantage,
         )  # fmt: skip
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pi, logp_rho = z.detach().softmax(-1), z_rho.log_softmax(-1)
+
+    pi, logp_rho = adam_minimise(loss_of, z_rho, 0.02, 3000).softmax(-1), z_rho.log_softmax(-1)
     want = (logp_rho + g / beta).softmax(-1)
     assert torch.allclose(pi, want, atol=1e-3), (pi, want)
     assert torch.allclose(pi[0] / pi[2], logp_rho.exp()[0] / logp_rho.exp()[2], rtol=1e-2)  # 0.2 - 0.2
@@ -282,19 +282,16 @@ def expected_return_projection(z_rho, logp_mu, advantage, beta, cap=None):
     prefix, each row weighted by mu(a): the expectation over the behaviour policy's draws, exactly
     (masked_mean with mask mu is the mu-weighted mean). `cap`: `etpo.importance`'s weights."""
     V = len(z_rho)
-    z = z_rho.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.05)
     expand, taken = (V, 1, V), torch.arange(V)[:, None]
     weights = importance_weights(logp_mu[:, None], cap) if cap else None
-    for _ in range(3000):
-        loss = policy_loss(
+
+    def loss_of(z):
+        return policy_loss(
             z.expand(expand), z_rho.expand(expand), logp_mu.exp()[:, None], beta, "residual",
             z_rho=z_rho.expand(expand), taken=taken, advantage=advantage[:, None], importance=weights,
         )  # fmt: skip
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return z.detach().softmax(-1)
+
+    return adam_minimise(loss_of, z_rho, 0.05, 3000).softmax(-1)
 
 
 def test_weighting_the_tilt_by_the_behaviour_probability_removes_its_bias():
@@ -398,21 +395,17 @@ def minimise_policy_loss(z_rho, taken, advantage, beta, z_previous=None, eta=0.0
     """The policy's logits (V,) at one prefix, from rho's, after Adam on the mean `policy_loss` of
     rows there that took `taken` (N, 1) with `advantage` (N, 1)."""
     rows, V = len(taken), len(z_rho)
-    z = z_rho.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.02)
 
     def per_row(logits):  # the prefix's logits, once per row
         return None if logits is None else logits.expand(rows, 1, V)
 
-    for _ in range(2000):
+    def loss_of(z):
         rho_rows, mask = per_row(z_rho), torch.ones(rows, 1)
-        loss = policy_loss(
+        return policy_loss(
             per_row(z), rho_rows, mask, beta, "residual", rho_rows, taken, advantage, per_row(z_previous), eta
         )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return z.detach()
+
+    return adam_minimise(loss_of, z_rho, 0.02, 2000)
 
 
 def test_the_proximal_projection_moves_a_forced_token_one_step_and_keeps_the_optimum():

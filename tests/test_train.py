@@ -123,7 +123,7 @@ def perturbed(tiny_base, adapter):
 
 def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
     """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
-    for `policy_target: taken`, with the stored y - V as well for `return`, with the stored
+    for `policy_target: taken`, with the stored `advantage` (y - V) as well for `return`, with the stored
     behaviour log-probs as well for `etpo.importance`, and with none for `vocabulary`; the four
     differ (a critic perturbed away from rho and held there)."""
     first = {}
@@ -131,14 +131,14 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
         model, tokenizer = perturbed(tiny_base, "critic")
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         for row, value in zip(rows, [0.3, -0.2], strict=True):
-            row["soft_value"] = [value] * len(row["completion_ids"])
+            row["advantage"] = [y - value for y in row["q_target"]]  # y - V as the targets stage stores it
             row["behaviour_logprobs"] = [-0.5 - 0.25 * j for j in range(len(row["completion_ids"]))]
         batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
         with torch.no_grad():
             z_pi, z_critic = action_logits(model, batch, "policy"), action_logits(model, batch, "critic")
             z_rho = action_logits(model, batch, None)
         args = (z_pi, z_critic, batch.mask, 0.1, "residual")
-        advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
+        advantage = per_token(rows, "advantage", batch)
         behaviour = per_token(rows, "behaviour_logprobs", batch)
         want = {
             "vocabulary": policy_loss(*args),
@@ -168,14 +168,14 @@ def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(ti
     model, tokenizer = perturbed(tiny_base, "policy")
     rows = rows_for(model, tokenizer, [1.0, -1.0])
     for row in rows:
-        row["soft_value"] = [0.1] * len(row["completion_ids"])
+        row["advantage"] = [y - 0.1 for y in row["q_target"]]  # y - V, V = 0.1
     etpo = defaults("etpo", policy_target="return", proximal=0.5)
     prepare_update(replace(DEFAULTS, etpo=etpo), model)
     previous = [p.detach().clone() for p in adapter_parameters(model, PREVIOUS_POLICY)]
     policy = [p.detach().clone() for p in adapter_parameters(model, "policy")]
     assert all(torch.equal(a, b) for a, b in zip(previous, policy, strict=True)) and previous
     batch = ActionBatch.build([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
-    advantage = per_token(rows, "q_target", batch) - per_token(rows, "soft_value", batch)
+    advantage = per_token(rows, "advantage", batch)
     with torch.no_grad():
         z_start, z_rho = action_logits(model, batch, "policy"), action_logits(model, batch, None)
     # one minibatch of both rows: one step per call

@@ -96,8 +96,8 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
     z_pi = action_logits(model, batch, "policy")
     taken = batch.taken if at_taken else None
-    # the observed return's advantage y_j - V_j, both from the targets stage (no critic pass)
-    advantage = y - mb.column("soft_value") if etpo.policy_target == "return" else None
+    # the observed return's advantage y_j - V_j, as the targets stage stored it (no critic pass)
+    advantage = mb.column("advantage") if etpo.policy_target == "return" else None
     args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
     weights = None  # min(1 / mu(a), cap), mu the policy that drew the token (this or a replayed iteration)
     if etpo.importance > 1:
