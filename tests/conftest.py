@@ -24,6 +24,12 @@ def defaults(section: str, **changes: object):
     return dataclasses.replace(getattr(DEFAULTS, section), **changes)
 
 
+def plain_etpo(**changes: object):
+    """ETPO's settings with the policy step reduced to `policy_target` alone (`vocabulary` unless
+    changed): no proximal term, no behaviour weight. Tests of one mechanism name the others."""
+    return defaults("etpo", **({"policy_target": "vocabulary", "proximal": 0.0, "importance": 1.0} | changes))
+
+
 @pytest.fixture(scope="session")
 def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tasks")

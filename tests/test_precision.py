@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.algorithms import update_for
+from pipeline.algorithms import prepare_update, update_for
 from pipeline.baselines.targets import action_stats
 from pipeline.etpo.targets import action_targets
 from pipeline.models.adapters import adapter_parameters, attach_adapters
@@ -99,14 +99,17 @@ def train_losses(model, tokenizer, steps: int = 3) -> list[float]:
     ]
     for row, stats in zip(rows, action_stats(model, rows, values=False), strict=True):
         row.update(ref_logit=stats["ref_logit"], ref_logprob=stats["ref_logprob"])  # as targets stores them
+        row.update(advantage=row["q_target"], behaviour_logprobs=[-0.7] * len(row["q_target"]))  # V = 0
     config = defaults("train", epochs=steps, minibatch_size=len(rows))
     optimisers = make_optimisers(model, config)
     logged: list[dict] = []
-    update = update_for(replace(DEFAULTS, algo="etpo"))
+    settings = replace(DEFAULTS, algo="etpo")  # the default step: reference and pi_k passes in bf16 too
+    prepare_update(settings, model)
+    update = update_for(settings)
     train_adapters(model, rows, update, config, seed=0, log=logged.append, optimisers=optimisers)
     for optimiser in optimisers.values():  # Adam's moments are fp32 like the adapters
         assert all(v.dtype == torch.float32 for s in optimiser.state.values() for v in s.values() if v.dim())
-    return [m["train/critic_loss"] for m in logged]
+    return [m[key] for m in logged for key in ("train/critic_loss", "train/policy_loss")]
 
 
 def test_bf16_training_keeps_fp32_adapters_and_follows_fp32(tiny_base):

@@ -33,7 +33,7 @@ from pipeline.models.logits import (
 )
 from pipeline.models.update import make_optimisers, save_optimisers, train_adapters
 from pipeline.stages.policy_eval import mean_kl_to_reference
-from tests.conftest import DEFAULTS, defaults
+from tests.conftest import DEFAULTS, defaults, plain_etpo
 
 
 def rows_for(model, tokenizer, rewards):
@@ -76,7 +76,7 @@ def test_an_untrained_critic_leaves_the_policy_unchanged(tiny_base, param, targe
     model = attach_adapters(model, defaults("lora", rank=4))
     before = policy_logits(model, tokenizer)
     train = defaults("train", epochs=2, minibatch_size=1, policy_lr=1e-2, critic_lr=0.0)  # critic stays at 0
-    update = partial(etpo_update, etpo=defaults("etpo", parametrisation=param, policy_target=target))
+    update = partial(etpo_update, etpo=plain_etpo(parametrisation=param, policy_target=target))
     train_adapters(model, rows_for(model, tokenizer, [1.0, -1.0]), update, train, seed=0)
     assert torch.allclose(policy_logits(model, tokenizer), before, atol=1e-6)
 
@@ -92,7 +92,7 @@ def test_a_trained_critic_moves_the_policy_and_polyak_tracks_it(tiny_base, param
     steps = train_adapters(
         model,
         rows_for(model, tokenizer, [1.0, -1.0]),
-        partial(etpo_update, etpo=defaults("etpo", tau=0.5, parametrisation=param, policy_target=target)),
+        partial(etpo_update, etpo=plain_etpo(tau=0.5, parametrisation=param, policy_target=target)),
         train,
         seed=0,
         log=logged.append,
@@ -153,7 +153,7 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
         setting = {"importance": dict(policy_target="return", importance=10.0)}.get(
             target, dict(policy_target=target)
         )
-        etpo = defaults("etpo", **setting)
+        etpo = plain_etpo(**setting)
         train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
         first[target] = logged[0]["train/policy_loss"]
         assert first[target] == pytest.approx(want.item(), rel=1e-5), target
@@ -169,7 +169,7 @@ def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(ti
     rows = rows_for(model, tokenizer, [1.0, -1.0])
     for row in rows:
         row["advantage"] = [y - 0.1 for y in row["q_target"]]  # y - V, V = 0.1
-    etpo = defaults("etpo", policy_target="return", proximal=0.5)
+    etpo = plain_etpo(policy_target="return", proximal=0.5)
     prepare_update(replace(DEFAULTS, etpo=etpo), model)
     previous = [p.detach().clone() for p in adapter_parameters(model, PREVIOUS_POLICY)]
     policy = [p.detach().clone() for p in adapter_parameters(model, "policy")]
@@ -224,7 +224,7 @@ def test_the_untaken_anchor_holds_the_critic_to_the_target_off_the_taken_tokens(
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         train = defaults("train", epochs=16, minibatch_size=2, policy_lr=0.0, critic_lr=1e-2)
         # beta 1: a target of 1 is one nat of logit, which the tiny critic fits in these steps
-        etpo = defaults("etpo", tau=0.0, beta=1.0, untaken_anchor=alpha)
+        etpo = plain_etpo(tau=0.0, beta=1.0, untaken_anchor=alpha)
         logged[alpha] = []
         train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged[alpha].append)
         moved[alpha], fit[alpha] = critic_after(model, rows, etpo)
@@ -357,7 +357,7 @@ def test_optimiser_state_carries_over_like_one_continuous_run(tiny_base, tmp_pat
     """Two iterations of one epoch, the adapters and Adam's state saved and reloaded in between, end
     where one run of two epochs does (one action: the order of minibatches cannot differ)."""
     _, tokenizer = load_base(tiny_base)
-    update = partial(etpo_update, etpo=DEFAULTS.etpo)
+    update = partial(etpo_update, etpo=plain_etpo())  # pi_k is per iteration: no proximal step here
     one_epoch = defaults("train", epochs=1, minibatch_size=1, policy_lr=1e-2, critic_lr=1e-2)
 
     def fresh():
