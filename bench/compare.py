@@ -45,6 +45,8 @@ from pipeline.io import read_json, write_json
 from pipeline.stats import Interval, bootstrap_mean, samples_needed
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults a key added later has
+# ... unless its default changed after it was added: then a run without the key ran the old value
+BEFORE_A_CHANGED_DEFAULT = {"etpo.policy_target": "vocabulary", "etpo.proximal": 0.0, "etpo.importance": 1.0}
 SUMMARY = "data/report/summary.json"
 REWARDS = "data/iterations/{k:03d}/eval/rewards.json"
 REFERENCE = "best_of_n"
@@ -94,9 +96,11 @@ def setting_labels(exps: list[dict]) -> list[str]:
     """A label per experiment that is equal for runs differing only in seed: algo + unusual params.
 
     A param a run lacks is one added after it ran, with a default that keeps the old behaviour:
-    it counts as that default, this repository's params.yaml value, so a new key does not split
-    old runs from new ones at its default and does label new runs that set it. Another
-    algorithm's section (`etpo.*` for a PPO run) is not read by the run, so it is left out.
+    it counts as that default (this repository's params.yaml value, or for a default changed since,
+    the value it had before: `BEFORE_A_CHANGED_DEFAULT`), so a new key does not split old runs from
+    new ones at its default and does label new runs that set it. Numbers compare by value (10 is
+    10.0). Another algorithm's section (`etpo.*` for a PPO run) is not read by the run, so it is
+    left out.
     """
     algos = set(get_args(get_type_hints(Config)["algo"]))
 
@@ -104,14 +108,18 @@ def setting_labels(exps: list[dict]) -> list[str]:
         section = key.split(".", 1)[0]
         return section not in algos or section == algo
 
+    def canonical(value: object) -> str:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return repr(float(value) if number else value)
+
     defaults = flatten(yaml.safe_load(PARAMS.read_text())) if PARAMS.exists() else {}
-    flat = [defaults | flatten(e["params"]) for e in exps]
+    flat = [defaults | BEFORE_A_CHANGED_DEFAULT | flatten(e["params"]) for e in exps]
     keys = sorted(set().union(*flat) - {"seed", "algo"})
-    usual = {k: Counter(repr(f[k]) for f in flat if k in f).most_common(1)[0][0] for k in keys}
+    usual = {k: Counter(canonical(f[k]) for f in flat if k in f).most_common(1)[0][0] for k in keys}
     labels = []
     for f in flat:
         algo = str(f.get("algo", "etpo"))
-        unusual = [f"{k}={f[k]}" for k in keys if k in f and repr(f[k]) != usual[k] and read_by(algo, k)]
+        unusual = [f"{k}={f[k]}" for k in keys if k in f and canonical(f[k]) != usual[k] and read_by(algo, k)]
         labels.append(" ".join([algo, *unusual]))
     return labels
 

@@ -107,10 +107,12 @@ def memory_bench() -> None:
 def update_seconds(
     model, minibatch: int = 4, prompt: int = 96, completion: int = 160
 ) -> tuple[float, float, int]:
-    """Seconds of one ETPO update and of one supervised step on `minibatch` random actions, and
-    the completion tokens they hold. The model's device and dtype are used as loaded."""
+    """Seconds of one ETPO update (the default step, with its reference and pi_k passes) and of one
+    supervised step on `minibatch` random actions, and the completion tokens they hold. The
+    model's device and dtype are used as loaded."""
     from functools import partial
 
+    from pipeline.algorithms import prepare_update
     from pipeline.etpo.train import etpo_update
     from pipeline.models.adapters import attach_adapters
     from pipeline.models.update import train_adapters
@@ -125,10 +127,13 @@ def update_seconds(
             "q_target": torch.randn(completion, generator=gen).tolist(),
             "ref_logit": torch.randn(completion, generator=gen).tolist(),  # the targets stage's
             "ref_logprob": (-torch.rand(completion, generator=gen)).tolist(),
+            "advantage": torch.randn(completion, generator=gen).tolist(),
+            "behaviour_logprobs": (-torch.rand(completion, generator=gen)).tolist(),
         }
         for _ in range(minibatch)
     ]
     train = replace(DEFAULTS.train, epochs=1, minibatch_size=minibatch)
+    prepare_update(DEFAULTS, peft_model)
     update = partial(etpo_update, etpo=DEFAULTS.etpo)
     etpo_s = timed(lambda: train_adapters(peft_model, rows, update, train, 0), repeat=2)
 

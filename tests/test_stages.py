@@ -112,7 +112,8 @@ def test_etpo_replays_the_last_iterations_with_recomputed_targets(params, tasks_
     first = read_trajectories(tmp_path / "t1.parquet", "targets").to_pylist()
     assert len(first) == 4 and {r["iteration"] for r in first} == {1}  # nothing before iteration 1
 
-    stale = [r | {"q_target": [9.0] * len(r["q_target"])} for r in first]  # must be recomputed
+    recomputed = ("q_target", "soft_value", "advantage")  # what train reads of them: must be recomputed
+    stale = [r | {key: [9.0] * len(r[key]) for key in recomputed} for r in first]
     write_trajectories(tmp_path / "stale.parquet", stale, "targets", {})
     executed = read_trajectories(tmp_path / "e1.parquet", "executed").to_pylist()
     write_trajectories(tmp_path / "e2.parquet", [r | {"iteration": 2} for r in executed], "executed", {})
@@ -120,7 +121,8 @@ def test_etpo_replays_the_last_iterations_with_recomputed_targets(params, tasks_
     invoke(*targets, tmp_path / "stale.parquet", *args)
     second = read_trajectories(tmp_path / "t2.parquet", "targets").to_pylist()
     assert [r["iteration"] for r in second] == [1] * 4 + [2] * 4
-    assert [r["q_target"] for r in second[:4]] == [r["q_target"] for r in first]  # same networks
+    for key in recomputed:  # same networks
+        assert [r[key] for r in second[:4]] == [r[key] for r in first], key
 
     set_params(params, {"etpo.replay_iterations": 1})
     invoke(*targets, tmp_path / "stale.parquet", *args)

@@ -1,5 +1,6 @@
 """The train stage's update on the tiny preset."""
 
+import itertools
 from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
@@ -124,11 +125,20 @@ def perturbed(tiny_base, adapter):
 def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
     """The first step's logged policy loss is `policy_loss` with rho's logits and the taken tokens
     for `policy_target: taken`, with the stored `advantage` (y - V) as well for `return`, with the stored
-    behaviour log-probs as well for `etpo.importance`, and with none for `vocabulary`; the four
-    differ (a critic perturbed away from rho and held there)."""
+    behaviour log-probs as well for `etpo.importance`, and with none for `vocabulary`; the
+    default is `return` weighted, with the policy as train started as pi_k (`etpo.proximal`); the
+    five differ (a critic perturbed away from rho and held there)."""
     first = {}
-    for target in ("vocabulary", "taken", "return", "importance"):
+    settings = {
+        "vocabulary": plain_etpo(),
+        "taken": plain_etpo(policy_target="taken"),
+        "return": plain_etpo(policy_target="return"),
+        "importance": plain_etpo(policy_target="return", importance=10.0),
+        "default": DEFAULTS.etpo,
+    }
+    for target, etpo in settings.items():
         model, tokenizer = perturbed(tiny_base, "critic")
+        prepare_update(replace(DEFAULTS, etpo=etpo), model)
         rows = rows_for(model, tokenizer, [1.0, -1.0])
         for row, value in zip(rows, [0.3, -0.2], strict=True):
             row["advantage"] = [y - value for y in row["q_target"]]  # y - V as the targets stage stores it
@@ -147,18 +157,17 @@ def test_the_policy_step_projects_onto_the_target_its_setting_names(tiny_base):
             "importance": policy_loss(
                 *args, z_rho, batch.taken, advantage, importance=importance_weights(behaviour, 10.0)
             ),
+            "default": policy_loss(
+                *args, z_rho, batch.taken, advantage, z_pi, etpo.proximal, importance_weights(behaviour, 10.0)
+            ),
         }[target]
         logged = []
         train = defaults("train", epochs=1, minibatch_size=2, policy_lr=1e-2, critic_lr=0.0)
-        setting = {"importance": dict(policy_target="return", importance=10.0)}.get(
-            target, dict(policy_target=target)
-        )
-        etpo = plain_etpo(**setting)
         train_adapters(model, rows, partial(etpo_update, etpo=etpo), train, seed=0, log=logged.append)
         first[target] = logged[0]["train/policy_loss"]
         assert first[target] == pytest.approx(want.item(), rel=1e-5), target
-    values = sorted(first.values())
-    assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 1e-3, first
+    for (a, x), (b, y) in itertools.combinations(first.items(), 2):  # apart by 100x the match's tolerance
+        assert x != pytest.approx(y, rel=1e-3), (a, b, x, y)
 
 
 def test_the_proximal_step_reads_a_frozen_copy_of_the_policy_as_train_started(tiny_base, tmp_path):

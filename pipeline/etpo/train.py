@@ -3,14 +3,17 @@
 Read top to bottom:
     z_critic = critic logits;   L_Q  = Huber(Q_phi(w^j) - y_j)            -> critic step
                                      [+ alpha KL(pi_bar || pi_c) off the taken tokens]
-    z_pi     = policy logits;   L_pi = KL(pi || pi_star[z_critic])         -> policy step
-                                     [pi_star^(beta/(beta+eta)) pi_k^(eta/(beta+eta)): proximal]
+    z_pi     = policy logits;   L_pi = KL(pi || pi_T)                      -> policy step
+        pi_T = pi_star[z_critic] (`vocabulary`), or rho tilted at the taken token by the stored
+        y_j - V_j (`return`, the default) or the critic's advantage (`taken`), times
+        min(1 / mu(a), C) (`importance`); [pi_T^(beta/(beta+eta)) pi_k^(eta/(beta+eta)): proximal]
     target  <- (1 - tau) target + tau critic
 The reference enters Q_phi(w^j) only through its values at the taken token, which the targets
 stage stored (ref_logit, ref_logprob): the reference never changes, so it runs once per action,
 not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
 paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target` taken or
-return (rho's shape off the taken token) need a reference pass here.
+return (rho's shape off the taken token) need a reference pass here, and `etpo.proximal` a pass of
+the frozen pi_k: the default step runs both, without gradients.
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
