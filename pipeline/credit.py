@@ -2,11 +2,11 @@
 
 The advantage is the targets table's `advantage` column: for ETPO the observed return's
 y_j - V_j, which tilts the policy (`etpo.policy_target: return`, the default; with `vocabulary`
-or `taken`, Q(w_j) - V_j, the soft advantage of the taken token under the target critic); for PPO the whitened GAE; for GRPO the
-group-relative advantage (the same at every token). Green tokens were credited, red ones blamed,
-white ones left alone. It is the quickest way to see whether credit lands on the tokens that
-decide the reward (the estimator, a hyperparameter value, an invented name) or is smeared over
-the whole body.
+or `taken`, Q(w_j) - V_j, the soft advantage of the taken token under the target critic); for
+PPO the whitened GAE; for GRPO the group-relative advantage (the same at every token). Green
+tokens were credited, red ones blamed, white ones left alone. It is the quickest way to see
+whether credit lands on the tokens that decide the reward (the estimator, a hyperparameter
+value, an invented name) or is smeared over the whole body.
 """
 
 from __future__ import annotations

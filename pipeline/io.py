@@ -101,9 +101,10 @@ EXECUTED_FIELDS = SAMPLED_FIELDS + [
     pa.field("next_state", pa.string(), nullable=False),  # source of the next state; "" when done
 ]
 # ETPO: q_target = soft Bellman target y_j, q_taken = Q(w_j), soft_value = V_j at the position of
-# token j, advantage = the credit the policy is tilted by (y_j - V_j for `etpo.policy_target: return`,
-# the default, which train reads; else Q(w_j) - V_j); ref_logit = z_rho(w_j) and ref_logprob = log rho(w_j), the
-# reference's values at the taken tokens (the train stage reads them instead of running rho).
+# token j, advantage = the credit the policy is tilted by (y_j - V_j for `etpo.policy_target:
+# return`, the default, which train reads; else Q(w_j) - V_j); ref_logit = z_rho(w_j) and
+# ref_logprob = log rho(w_j), the reference's values at the taken tokens (the train stage reads
+# them instead of running rho).
 # The baselines fill the same columns (pipeline.baselines.targets).
 TARGET_COLUMNS = (
     "q_target",
