@@ -64,7 +64,9 @@ class PromptConfig:
 @dataclass(frozen=True)
 class ExecutorConfig:
     timeout_s: float = field(metadata=_range(0.1, 3600))
-    """Wall-clock limit per program (build + 5 fits + scoring)."""
+    """CPU seconds per program (5 fits and predictions), not wall-clock seconds: a loaded machine
+    must not turn a program into a timeout. A program that waits stops at `WALL_LIMIT_FACTOR`
+    (3, pipeline/sandbox/harness.py) times this in wall-clock seconds."""
     memory_mb: int = field(metadata=_range(64, 1 << 20))
     """Extra address space a program may map on top of the warm worker's own."""
     max_processes: int = field(metadata=_range(1, 4096))

@@ -217,6 +217,25 @@ def test_run_many_keeps_job_order(executor, tasks_dir):
     assert statuses == ["error", "ok", "syntax"]
 
 
+def test_the_time_limit_counts_cpu_seconds_not_waiting(tasks_dir):
+    """A loaded machine slows a program without making it compute more, so the limit is a CPU
+    budget shared by the 5 splits; waiting is allowed up to 3x the budget in wall-clock time."""
+    waits = "    import time\n    time.sleep(0.5)\n" + LOGISTIC  # 2.5 s of wall time in all
+    computes = (  # 0.6 CPU s per split: under the limit in each, over it in the sum
+        "    import time\n    t = time.process_time()\n"
+        "    while time.process_time() - t < 0.6:\n        pass\n" + LOGISTIC
+    )
+    sleeps = "    import time\n    time.sleep(1000)\n" + LOGISTIC
+    with Executor(tasks_dir, defaults("executor", timeout_s=2.0, workers=1, cache=False)) as ex:
+        waited = ex.run("iris", source_for(tasks_dir, "iris", waits))
+        assert waited.status == "ok" and waited.seconds > 2.0, waited
+        spent = ex.run("iris", source_for(tasks_dir, "iris", computes))
+        assert spent.status == "timeout" and "2.0 CPU seconds" in spent.error, spent
+        stuck = ex.run("iris", source_for(tasks_dir, "iris", sleeps))
+        assert stuck.status == "timeout" and "wall-clock limit of 6.0 s" in stuck.error, stuck
+        assert stuck.seconds >= 6.0
+
+
 def test_rlimit_fallback_contains_the_basics(tasks_dir):
     with Executor(tasks_dir, defaults("executor", timeout_s=2.0, workers=1, sandbox="rlimit")) as ex:
         for status in ("timeout", "memory", "syntax"):

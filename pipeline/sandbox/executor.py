@@ -141,7 +141,8 @@ class Worker:
             request = json.dumps({"source": source, "limits": limits}) + "\n"
             self.process.stdin.write(request.encode())
             self.process.stdin.flush()
-            reply = self._readline(time.monotonic() + limits["timeout_s"] + SCORING_GRACE_S)
+            wall_limit = limits["timeout_s"] * harness.WALL_LIMIT_FACTOR
+            reply = self._readline(time.monotonic() + wall_limit + SCORING_GRACE_S)
         except (BrokenPipeError, OSError):
             reply = None
         if reply is None:

@@ -18,6 +18,7 @@ Run as: python harness.py DATA.npz     (DATA holds arrays x, y)
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -57,6 +58,10 @@ N_SPLITS = 5  # shuffled 50/50 splits with seeds 0..4 (docs/design.md §2)
 NOBODY = 65534
 BANNED = ("GridSearchCV", "RandomizedSearchCV", "HalvingGridSearchCV", "HalvingRandomSearchCV")
 MAX_ERROR = 4000
+# The time limit counts CPU seconds, so a loaded machine does not turn a program into a timeout
+# (docs/design.md §2); a program that waits instead of computing (sleep, a blocked pipe) is
+# stopped at this many times its budget in wall-clock seconds.
+WALL_LIMIT_FACTOR = 3
 IN_PID_NAMESPACE = os.environ.get("ETPO_SANDBOX_PIDNS") == "1"
 
 
@@ -132,8 +137,8 @@ def _drop_privileges(workdir):
         os.setuid(NOBODY)
 
 
-def _set_limits(limits, seconds_left):
-    cpu = max(1, int(seconds_left) + 1)
+def _set_limits(limits, cpu_left):
+    cpu = max(1, math.ceil(cpu_left))
     # SIGXCPU at the soft limit is what reports a timeout; the hard limit, a second later, sends
     # SIGKILL to a program that ignores SIGXCPU. With soft == hard a kernel may send SIGKILL alone
     # (seen on Linux 6.18), which would read as a memory kill.
@@ -186,7 +191,7 @@ def _program_traceback():
     return head + "".join(traceback.format_exception_only(kind, error))
 
 
-def _child(write_fd, source, folds, limits, seconds_left, n_classes):
+def _child(write_fd, source, folds, limits, cpu_left, n_classes):
     """Entry of the forked child: fit and predict every split; never returns."""
     header, payload = {"status": "error", "error": "unknown"}, b""
     try:
@@ -200,7 +205,7 @@ def _child(write_fd, source, folds, limits, seconds_left, n_classes):
         os.dup2(output, 2)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
         _drop_privileges(workdir)
-        _set_limits(limits, seconds_left)
+        _set_limits(limits, cpu_left)
         probas = []
         for fold in folds:
             random.seed(0)  # estimators without random_state still score the same every time
@@ -247,8 +252,14 @@ def _read_message(fd, deadline):
     return json.loads(raw[8 : 8 + header_len]), raw[8 + header_len :], False
 
 
+def _cpu_seconds(usage):
+    return usage.ru_utime + usage.ru_stime
+
+
 def _reap(pid):
-    """Kill the child and everything it started; return the child's exit status.
+    """Kill the child and everything it started; return its exit status and CPU seconds.
+
+    The CPU seconds are the child's own and those of the processes it waited for (wait4's usage).
 
     In our own pid namespace kill(-1) reaches every process but init and us, so we repeat it
     until none is left (ESRCH): a fork bomb or a daemonised grandchild cannot outlive its program.
@@ -262,30 +273,42 @@ def _reap(pid):
             except ProcessLookupError:
                 break
             if status is None:
-                done, exit_status = os.waitpid(pid, os.WNOHANG)
-                status = exit_status if done else None
+                done, exit_status, usage = os.wait4(pid, os.WNOHANG)
+                status, cpu = (exit_status, _cpu_seconds(usage)) if done else (None, None)
             time.sleep(0.0005)
     else:
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return os.waitpid(pid, 0)[1] if status is None else status
+    if status is None:
+        _, status, usage = os.wait4(pid, 0)
+        cpu = _cpu_seconds(usage)
+    return status, cpu
 
 
-def _run_program(source, folds, limits, n_classes, deadline):
-    """Run a program on `folds` in a fresh child: (status, error, probabilities or None)."""
+def _run_program(source, folds, limits, n_classes, cpu_left, deadline):
+    """Run a program on `folds` in a fresh child, within `cpu_left` CPU seconds and the wall-clock
+    `deadline`: (status, error, probabilities or None, CPU seconds used)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(write_fd, source, folds, limits, deadline - time.monotonic(), n_classes)
+        _child(write_fd, source, folds, limits, cpu_left, n_classes)
     os.close(write_fd)
     header, payload, timed_out = _read_message(read_fd, deadline)
     os.close(read_fd)
-    status = _reap(pid)
-    if timed_out or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
-        return "timeout", f"exceeded the time limit of {limits['timeout_s']} s", None
+    status, cpu = _reap(pid)
+    if timed_out:
+        wall = limits["timeout_s"] * WALL_LIMIT_FACTOR
+        return "timeout", f"exceeded the wall-clock limit of {wall} s (waiting, not computing)", None, cpu
+    if cpu > cpu_left or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
+        return "timeout", f"exceeded the time limit of {limits['timeout_s']} CPU seconds", None, cpu
+    return *_read_result(header, payload, status, folds, n_classes), cpu
+
+
+def _read_result(header, payload, status, folds, n_classes):
+    """What a child that finished in time sent: (status, error, probabilities or None)."""
     if header is None:
         if os.WIFSIGNALED(status):
             kind = "memory" if os.WTERMSIG(status) == signal.SIGKILL else "error"
@@ -313,11 +336,13 @@ def clear_scratch(keep):
 
 def _run_splits(source, x, y, limits, split_indices, n_classes, keep):
     """Each split in a fresh child, the temp dir emptied in between; one time limit for all."""
-    deadline = time.monotonic() + limits["timeout_s"]
+    cpu_left = limits["timeout_s"]
+    deadline = time.monotonic() + limits["timeout_s"] * WALL_LIMIT_FACTOR
     probas = []
     for train, test in split_indices:
         fold = (x[train], y[train], x[test])
-        status, error, proba = _run_program(source, [fold], limits, n_classes, deadline)
+        status, error, proba, cpu = _run_program(source, [fold], limits, n_classes, cpu_left, deadline)
+        cpu_left -= cpu
         clear_scratch(keep)
         if status != "ok":
             return status, error, None
