@@ -64,9 +64,11 @@ class PromptConfig:
 @dataclass(frozen=True)
 class ExecutorConfig:
     timeout_s: float = field(metadata=_range(0.1, 3600))
-    """CPU seconds per program (5 fits and predictions), not wall-clock seconds: a loaded machine
-    must not turn a program into a timeout. A program that waits stops at `WALL_LIMIT_FACTOR`
-    (3, pipeline/sandbox/harness.py) times this in wall-clock seconds."""
+    """CPU seconds per program (its 5 fits and predictions, threads and child processes summed),
+    not wall-clock seconds: a loaded machine slows a program without making it compute more."""
+    wall_limit_factor: float = field(metadata=_range(1, 100))
+    """A program is also stopped at this many times `timeout_s` in wall-clock seconds: one that
+    waits instead of computing (a sleep, a blocked pipe) spends no CPU."""
     memory_mb: int = field(metadata=_range(64, 1 << 20))
     """Extra address space a program may map on top of the warm worker's own."""
     max_processes: int = field(metadata=_range(1, 4096))

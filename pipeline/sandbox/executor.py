@@ -141,7 +141,7 @@ class Worker:
             request = json.dumps({"source": source, "limits": limits}) + "\n"
             self.process.stdin.write(request.encode())
             self.process.stdin.flush()
-            wall_limit = limits["timeout_s"] * harness.WALL_LIMIT_FACTOR
+            wall_limit = limits["timeout_s"] * limits["wall_limit_factor"]
             reply = self._readline(time.monotonic() + wall_limit + SCORING_GRACE_S)
         except (BrokenPipeError, OSError):
             reply = None
@@ -249,6 +249,7 @@ class Executor:
         c = self.config
         return {
             "timeout_s": c.timeout_s,
+            "wall_limit_factor": c.wall_limit_factor,
             "memory_mb": c.memory_mb,
             "max_processes": c.max_processes,
             "max_output_bytes": c.max_output_bytes,

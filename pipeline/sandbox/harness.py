@@ -17,6 +17,7 @@ Run as: python harness.py DATA.npz     (DATA holds arrays x, y)
 """
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -58,10 +59,7 @@ N_SPLITS = 5  # shuffled 50/50 splits with seeds 0..4 (docs/design.md §2)
 NOBODY = 65534
 BANNED = ("GridSearchCV", "RandomizedSearchCV", "HalvingGridSearchCV", "HalvingRandomSearchCV")
 MAX_ERROR = 4000
-# The time limit counts CPU seconds, so a loaded machine does not turn a program into a timeout
-# (docs/design.md §2); a program that waits instead of computing (sleep, a blocked pipe) is
-# stopped at this many times its budget in wall-clock seconds.
-WALL_LIMIT_FACTOR = 3
+PR_SET_CHILD_SUBREAPER = 36
 IN_PID_NAMESPACE = os.environ.get("ETPO_SANDBOX_PIDNS") == "1"
 
 
@@ -252,38 +250,64 @@ def _read_message(fd, deadline):
     return json.loads(raw[8 : 8 + header_len]), raw[8 + header_len :], False
 
 
-def _cpu_seconds(usage):
-    return usage.ru_utime + usage.ru_stime
+def become_subreaper():
+    """Make orphaned descendants our children (Linux prctl PR_SET_CHILD_SUBREAPER).
+
+    A program's processes that outlive their parent then come back to us to be killed and
+    reaped, and their CPU seconds count against the program's budget: without this, a body that
+    forks and lets its parent exit would compute on a fresh CPU limit, uncounted.
+    """
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def _our_children():
+    """Pids whose parent is this process (orphans included, as we are a subreaper)."""
+    me, children = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == me:
+                children.append(int(entry))
+    return children
+
+
+def _kill_all(pid):
+    """SIGKILL the program: in our own pid namespace every process but init and us; otherwise
+    the child's process group and any of our children (a daemonised orphan comes back to us)."""
+    if IN_PID_NAMESPACE:
+        targets = [(os.kill, -1)]
+    else:
+        targets = [(os.killpg, pid)] + [(os.kill, child) for child in _our_children()]
+    for kill, target in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, signal.SIGKILL)
 
 
 def _reap(pid):
-    """Kill the child and everything it started; return its exit status and CPU seconds.
-
-    The CPU seconds are the child's own and those of the processes it waited for (wait4's usage).
-
-    In our own pid namespace kill(-1) reaches every process but init and us, so we repeat it
-    until none is left (ESRCH): a fork bomb or a daemonised grandchild cannot outlive its program.
+    """Kill the child and everything it started, reap them all; return the child's exit status
+    and the CPU seconds of every process reaped (wait4's usage, which includes the processes
+    each of them waited for). Repeated until we have no child left: a fork bomb or a daemonised
+    grandchild cannot outlive its program.
     """
-    status = None
-    if IN_PID_NAMESPACE:
-        give_up = time.monotonic() + 5
-        while time.monotonic() < give_up:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            if status is None:
-                done, exit_status, usage = os.wait4(pid, os.WNOHANG)
-                status, cpu = (exit_status, _cpu_seconds(usage)) if done else (None, None)
-            time.sleep(0.0005)
-    else:
+    status, cpu = None, 0.0
+    give_up = time.monotonic() + 5
+    while time.monotonic() < give_up:
+        _kill_all(pid)
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if status is None:
+            while (reaped := os.wait4(-1, os.WNOHANG))[0]:
+                cpu += reaped[2].ru_utime + reaped[2].ru_stime
+                status = reaped[1] if reaped[0] == pid else status
+        except ChildProcessError:
+            break
+        time.sleep(0.0005)
+    if status is None:  # a process that would not die in time (an uninterruptible wait)
         _, status, usage = os.wait4(pid, 0)
-        cpu = _cpu_seconds(usage)
+        cpu += usage.ru_utime + usage.ru_stime
     return status, cpu
 
 
@@ -300,8 +324,8 @@ def _run_program(source, folds, limits, n_classes, cpu_left, deadline):
     os.close(read_fd)
     status, cpu = _reap(pid)
     if timed_out:
-        wall = limits["timeout_s"] * WALL_LIMIT_FACTOR
-        return "timeout", f"exceeded the wall-clock limit of {wall} s (waiting, not computing)", None, cpu
+        wall = limits["timeout_s"] * limits["wall_limit_factor"]
+        return "timeout", f"exceeded the wall-clock limit of {wall} s", None, cpu
     if cpu > cpu_left or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU):
         return "timeout", f"exceeded the time limit of {limits['timeout_s']} CPU seconds", None, cpu
     return *_read_result(header, payload, status, folds, n_classes), cpu
@@ -337,7 +361,7 @@ def clear_scratch(keep):
 def _run_splits(source, x, y, limits, split_indices, n_classes, keep):
     """Each split in a fresh child, the temp dir emptied in between; one time limit for all."""
     cpu_left = limits["timeout_s"]
-    deadline = time.monotonic() + limits["timeout_s"] * WALL_LIMIT_FACTOR
+    deadline = time.monotonic() + limits["timeout_s"] * limits["wall_limit_factor"]
     probas = []
     for train, test in split_indices:
         fold = (x[train], y[train], x[test])
@@ -373,6 +397,7 @@ def serve(data_path):
     with np.load(data_path) as data:
         x, y = data["x"], data["y"]
     split_indices = splits(y)
+    become_subreaper()
     tempfile.tempdir = os.environ.get("ETPO_SANDBOX_TMP") or tempfile.gettempdir()
     keep = frozenset(os.listdir(tempfile.tempdir))  # the worker's own files (its log, in fallback mode)
     out = sys.stdout
