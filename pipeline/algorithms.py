@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.etpo.targets import etpo_targets
 from pipeline.etpo.train import etpo_update
 from pipeline.models.adapters import PREVIOUS_POLICY, freeze_copy
+from pipeline.models.logits import FrozenLogits
 from pipeline.models.update import Update
 from pipeline.tasks.prompts import find_fim_tokens, render
 
@@ -63,9 +64,10 @@ def prepare_update(config: Config, model: PeftModel) -> None:
 
 
 def update_for(config: Config) -> Update | None:
-    """The per-minibatch update of `config.algo` (None: best_of_n trains nothing)."""
+    """The per-minibatch update of `config.algo` (None: best_of_n trains nothing); one per train
+    stage, since ETPO's keeps that stage's frozen logits."""
     return {
-        "etpo": partial(etpo_update, etpo=config.etpo),
+        "etpo": partial(etpo_update, etpo=config.etpo, frozen=FrozenLogits(config.train.logit_cache_mb)),
         "ppo": partial(ppo_update, ppo=config.ppo),
         "grpo": partial(grpo_update, grpo=config.grpo),
         "best_of_n": None,

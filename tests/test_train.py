@@ -25,6 +25,7 @@ from pipeline.models.base import load_base
 from pipeline.models.logits import (
     PROMPT_SLACK,
     ActionBatch,
+    FrozenLogits,
     action_hidden,
     action_logits,
     action_logits_and_hidden,
@@ -488,3 +489,93 @@ def test_the_stored_advantage_is_the_credit_the_policy_target_uses(tiny_base):
             k: v for k, v in returned.items() if k != "advantage"
         }
     assert columns["taken"] == columns["vocabulary"]
+
+
+def forward_counter(model) -> list[int]:
+    """A list whose one entry counts the base model's forward calls from now on."""
+    calls = [0]
+    model.get_base_model().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_frozen_logits_are_kept_per_action_whatever_the_minibatch(tiny_base):
+    """`FrozenLogits` returns `action_logits` of each network; once an action's logits are kept, a
+    minibatch of kept actions, in another order and company, runs no pass. Kept per network; past
+    the budget an action is not kept, and a minibatch holding it is computed whole."""
+    model, _ = perturbed(tiny_base, "policy")
+    shared, other = [11, 12, 13, 14, 15, 16], [71, 72, 73, 74, 75]
+    actions = [(shared, [31, 32]), (other, [41, 42, 43]), (shared, [51])]
+
+    def batch_of(indices):
+        return ActionBatch.build([actions[i][0] for i in indices], [actions[i][1] for i in indices])
+
+    frozen = FrozenLogits(64.0)
+    calls = forward_counter(model)
+    first = frozen(model, batch_of([0, 1, 2]), "policy")
+    assert calls[0] > 0 and len(frozen.kept) == 3
+    for indices in ([2, 0], [1], [1, 2, 0]):
+        calls[0] = 0
+        batch = batch_of(indices)
+        got = frozen(model, batch, "policy")
+        assert calls[0] == 0
+        with torch.no_grad():
+            want = action_logits(model, batch, "policy")
+        mask = batch.mask.bool()
+        assert got.shape == want.shape
+        assert torch.allclose(got[mask], want[mask], atol=1e-5), indices
+        n = len(actions[indices[0]][1])
+        assert torch.equal(got[0, :n], first[indices[0], :n])  # the kept tensor itself
+    calls[0] = 0
+    rho = frozen(model, batch_of([0]), None)  # another network: computed, and not the policy's
+    assert calls[0] > 0 and not torch.allclose(rho[0], first[0, :2], atol=1e-3)
+
+    V = first.shape[-1]
+    one_action = FrozenLogits(3 * V * 4 / 2**20)  # room for the 3-token action, or 2 + 1 tokens
+    one_action(model, batch_of([1, 0, 2]), "policy")
+    assert [len(key[2]) for key in one_action.kept] == [3]  # the first that fits, then no room
+    calls[0] = 0
+    batch = batch_of([0, 1])
+    got = one_action(model, batch, "policy")
+    assert calls[0] > 0
+    mask = batch.mask.bool()
+    assert torch.allclose(got[mask], frozen(model, batch, "policy")[mask], atol=1e-5)
+
+
+def test_the_update_with_kept_logits_follows_the_one_that_recomputes_them(tiny_base):
+    """The default ETPO step (return, proximal, importance) over 3 epochs of shuffled minibatches:
+    with rho's and pi_k's logits kept from the first epoch, the logged losses and the adapters
+    equal those of recomputing them every epoch, to float tolerance (the passes differ only in
+    which actions share them)."""
+    _, tokenizer = load_base(tiny_base)
+    results = {}
+    for budget in (4096.0, 0.0):
+        model, _ = perturbed(tiny_base, "policy")
+        with torch.no_grad():
+            for p in adapter_parameters(model, "critic"):
+                p.normal_(0.0, 0.05)
+        rows = rows_for(model, tokenizer, [1.0, -1.0])
+        second_state = rows_for(model, tokenizer, [0.5, -0.2])
+        rows += with_reference(model, [r | {"prompt_ids": r["prompt_ids"] + [11, 12]} for r in second_state])
+        for row in rows:
+            n = len(row["completion_ids"])
+            row.update(advantage=[y - 0.1 for y in row["q_target"]], behaviour_logprobs=[-0.2, -3.0] * n)
+            row["behaviour_logprobs"] = row["behaviour_logprobs"][:n]
+        settings = replace(DEFAULTS, algo="etpo", train=replace(DEFAULTS.train, logit_cache_mb=budget))
+        assert settings.etpo.proximal > 0 and settings.etpo.policy_target == "return"
+        prepare_update(settings, model)
+        start = [p.detach().clone() for p in adapter_parameters(model, "policy")]
+        train = defaults("train", epochs=3, minibatch_size=2, policy_lr=1e-2, critic_lr=1e-2)
+        update = update_for(settings)
+        calls = forward_counter(model)
+        logged = []
+        train_adapters(model, rows, update, train, seed=0, log=logged.append)
+        results[budget] = (logged, adapter_parameters(model, "policy"), calls[0])
+    (kept, policy_kept, passes_kept), (recomputed, policy_recomputed, passes) = results.values()
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(policy_kept, start, strict=True))
+    # a minibatch is one state (2 actions): critic, rho, pi_k, policy, two passes each (prompt,
+    # completions); the kept run skips rho's and pi_k's in epochs 2 and 3 of 2 minibatches each
+    assert passes - passes_kept == 2 * 2 * 2 * 2 and len(kept) == len(recomputed) == 6
+    for got, want in zip(kept, recomputed, strict=True):
+        for key in ("train/policy_loss", "train/critic_loss", "train/logratio_ref"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(policy_kept, policy_recomputed, strict=True))

@@ -13,7 +13,8 @@ stage stored (ref_logit, ref_logprob): the reference never changes, so it runs o
 not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
 paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target` taken or
 return (rho's shape off the taken token) need a reference pass here, and `etpo.proximal` a pass of
-the frozen pi_k: the default step runs both, without gradients.
+the frozen pi_k: the default step runs both, without gradients, in the first epoch only (neither
+changes during train@k, so `FrozenLogits` keeps them for the others).
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from pipeline.config import EtpoConfig
 from pipeline.etpo.losses import critic_loss, importance_weights, policy_loss, polyak_update, untaken_kl
 from pipeline.models.adapters import PREVIOUS_POLICY, adapter_parameters
-from pipeline.models.logits import ActionBatch, action_logits, action_logits_and_hidden
+from pipeline.models.logits import ActionBatch, FrozenLogits, action_logits, action_logits_and_hidden
 from pipeline.models.tokens import entropy, masked_mean
 from pipeline.models.update import Minibatch, Step
 
@@ -78,8 +79,13 @@ def critic_objective(
     return loss_q, logged, z_critic
 
 
-def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -> dict[str, Tensor]:
-    """Update the critic, policy and target adapters of `model` in place; return per-token means."""
+def etpo_update(
+    model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig, frozen: FrozenLogits | None = None
+) -> dict[str, Tensor]:
+    """Update the critic, policy and target adapters of `model` in place; return per-token means.
+
+    `frozen` keeps rho's and pi_k's logits across the calls of one train stage (none: recomputed)."""
+    frozen = frozen or FrozenLogits(0)
     batch = mb.batch
     y = mb.column("q_target")  # (B, T) targets, 0 past each action
     ref_logit, ref_logprob = mb.column("ref_logit"), mb.column("ref_logprob")  # (B, T), of rho
@@ -90,12 +96,10 @@ def etpo_update(model: PeftModel, mb: Minibatch, step: Step, etpo: EtpoConfig) -
     z_rho = None
     at_taken = etpo.policy_target != "vocabulary"
     if etpo.parametrisation == "paper" or at_taken:
-        with torch.no_grad():
-            z_rho = action_logits(model, batch, None)
+        z_rho = frozen(model, batch, None)
     z_previous = None
     if etpo.proximal > 0:  # pi_k: the policy as train@k started (`pipeline.algorithms.prepare_update`)
-        with torch.no_grad():
-            z_previous = action_logits(model, batch, PREVIOUS_POLICY)
+        z_previous = frozen(model, batch, PREVIOUS_POLICY)
     # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
     z_pi = action_logits(model, batch, "policy")
     taken = batch.taken if at_taken else None

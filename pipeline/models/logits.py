@@ -148,6 +148,48 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
     return _forward(model, batch, adapter, hidden=True)
 
 
+class FrozenLogits:
+    """Logits of the networks that stay fixed through train@k, the reference rho and pi_k, computed
+    once per action and reused in later epochs instead of a pass per epoch (docs/design.md §6).
+
+    An action's logits depend only on its tokens and the network, so they are kept by (adapter,
+    prompt, completion), whatever minibatch the action lands in next. At most `budget_mb` MiB are
+    kept (an action costs its length x vocabulary x 4 bytes); a minibatch with an action not kept
+    is computed again whole. One instance serves one train stage: pi_k is that stage's.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self.kept: dict[tuple, Tensor] = {}
+
+    def __call__(self, model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
+        """(B, T, V) `action_logits(model, batch, adapter)`, without gradients; 0 past each action
+        where they come from what was kept."""
+        keys = [(adapter, *action) for action in _actions(batch)]
+        if all(key in self.kept for key in keys):
+            T = batch.taken.shape[1]
+            return torch.stack([F.pad(self.kept[key], (0, 0, 0, T - len(key[2]))) for key in keys])
+        with torch.no_grad():
+            z = action_logits(model, batch, adapter)
+        for b, key in enumerate(keys):
+            size = len(key[2]) * z.shape[-1] * z.element_size()
+            if key not in self.kept and self.used + size <= self.budget:
+                self.kept[key] = z[b, : len(key[2])].clone()
+                self.used += size
+        return z
+
+
+def _actions(batch: ActionBatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each action's (prompt, completion) token ids, padding dropped."""
+    prompts = [tuple(p[m.bool()].tolist()) for p, m in zip(batch.prompts, batch.prompt_mask, strict=True)]
+    lengths = batch.mask.sum(1).long().tolist()
+    return [
+        (prompts[g], tuple(batch.taken[b, :n].tolist()))
+        for b, (g, n) in enumerate(zip(batch.prompt_of.tolist(), lengths, strict=True))
+    ]
+
+
 # transformers 5.2x renamed the key/value cache `past_key_values` -> `cache` (in and out); the
 # old name is still accepted there (deprecated), but older versions know only the old one.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
