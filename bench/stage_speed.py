@@ -7,7 +7,8 @@ revision's code (`git archive REV`, imported through PYTHONPATH by this interpre
 `etpo sample` for iteration K from K-1's adapters and open episodes, `etpo targets` on K's executed
 actions, and `etpo train` on K's targets, each with that revision's params.yaml (algo etpo) and
 the same inputs, so the stage times compare code, not trajectories. Revisions alternate within
-each repeat, so they share the machine's state. Prints a markdown table of wall seconds.
+each repeat, so they share the machine's state. Prints a markdown table of wall seconds and of
+each stage process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     stages = args.stages.split(",")
     etpo = str(Path(sys.executable).parent / "etpo")
     times: dict[tuple[str, str], list[float]] = {}
+    peak_mb: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
         for rev in args.revs:
@@ -67,17 +69,23 @@ def main() -> None:
                     command = commands(args.data.resolve(), args.k, out)[stage]
                     params = ["--params", str(tree / "params.yaml")]
                     began = time.perf_counter()
-                    subprocess.run(
-                        [etpo, *command, *params], cwd=tree, env=env, check=True, capture_output=True
-                    )
+                    with open(out.parent / f"{rev}-{stage}.log", "w") as log:
+                        child = subprocess.Popen(
+                            [etpo, *command, *params], cwd=tree, env=env, stdout=log, stderr=log
+                        )
+                        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+                    if status:
+                        sys.exit(f"{rev} {stage} failed:\n" + Path(log.name).read_text()[-3000:])
                     times.setdefault((stage, rev), []).append(time.perf_counter() - began)
+                    peak_mb.setdefault((stage, rev), []).append(usage.ru_maxrss / 1024)  # KiB on Linux
                     print(f"{rev} {stage}: {times[stage, rev][-1]:.1f} s", file=sys.stderr, flush=True)
-    print("| stage | " + " | ".join(args.revs) + " | ratio |")
-    print("|---" * (len(args.revs) + 2) + "|")
+    print("| stage | " + " | ".join(args.revs) + " | ratio | peak RSS (MiB) |")
+    print("|---" * (len(args.revs) + 3) + "|")
     for stage in stages:
         best = [min(times[stage, rev]) for rev in args.revs]
         cells = " | ".join(f"{t:.1f} s" for t in best)
-        print(f"| {stage} | {cells} | {best[0] / best[-1]:.2f}x |")
+        peaks = " / ".join(f"{max(peak_mb[stage, rev]):.0f}" for rev in args.revs)
+        print(f"| {stage} | {cells} | {best[0] / best[-1]:.2f}x | {peaks} |")
 
 
 if __name__ == "__main__":
