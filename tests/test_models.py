@@ -2,10 +2,12 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from pipeline.models import generate
 from pipeline.models.adapters import (
     ADAPTERS,
     adapter_parameters,
@@ -15,7 +17,7 @@ from pipeline.models.adapters import (
     save_adapters,
 )
 from pipeline.models.base import load_base
-from pipeline.models.generate import BodyStop, GumbelSampler, load_sampler, sample
+from pipeline.models.generate import body_ended, gumbel_draw, load_sampler, sample
 from pipeline.tasks.prompts import completion_prompt, state_source
 from tests.conftest import DEFAULTS, defaults
 
@@ -101,16 +103,15 @@ def test_sampling_is_deterministic_for_a_seed(tiny_base):
     assert first[1].prompt_ids == tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
 
 
-def test_gumbel_sampler_draws_from_the_softmax():
+def test_gumbel_draw_draws_from_the_softmax():
     """20,000 rows, one seed each, on the same scores: the drawn tokens' frequencies are the
     softmax's (within 4 standard errors), and each recorded log-prob is that of the drawn token."""
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 20_000
-    sampler = GumbelSampler(list(range(n)), torch.device("cpu"))
-    drawn = sampler(None, p.log().expand(n, -1)).argmax(-1)
+    drawn, logp = gumbel_draw(p.log().expand(n, -1), [torch.Generator().manual_seed(i) for i in range(n)])
     frequency = torch.bincount(drawn, minlength=4) / n
     assert ((frequency - p).abs() < 4 * (p * (1 - p) / n).sqrt()).all(), frequency
-    assert torch.allclose(sampler.logprobs[0], p.log()[drawn])
+    assert torch.allclose(logp, p.log()[drawn])
 
 
 def test_a_prompt_samples_the_same_in_any_batch_and_shard(tiny_base):
@@ -168,13 +169,40 @@ def test_behaviour_logprobs_match_a_forward_pass(tiny_base):
 
 def test_body_stop_fires_on_dedent_and_after_return(tiny_base):
     _, tokenizer = load_base(tiny_base)
-    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     cases = {
         "    model = 1\n    return model\n": True,
         "    model = 1\ndef f():": True,
         "    model = 1\n    model.fit(": False,
     }
     for text, stops in cases.items():
-        ids = torch.tensor([prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"]])
-        stop = BodyStop(tokenizer, len(prompt_ids), 1)
-        assert bool(stop(ids, None)[0]) == stops, text
+        assert body_ended(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"]) == stops, text
+
+
+def test_finished_rows_leave_the_batch(tiny_base, monkeypatch):
+    """The decode loop runs each row only until its completion ends: over the decode steps, the
+    rows passed through the model add up to the tokens drawn after each prompt's first (which
+    the prompt's pass draws). The completions are those of each prompt sampled alone. The tiny
+    model's first token usually dedents, so a stop rule of our own (3-7 tokens, by the first
+    token drawn) gives completions of different lengths in one batch."""
+    model, tokenizer = load_base(tiny_base)
+    monkeypatch.setattr(generate, "body_ended", lambda _, ids: len(ids) == 3 + ids[0] % 5)
+    rows: list[torch.Size] = []
+
+    def record(_, args, kwargs):
+        rows.append(kwargs["input_ids"].shape)
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    longer = PROMPT + "    # a longer prompt to force left padding\n"
+    prompts = [PROMPT, longer, PROMPT, PROMPT + "    x = 1\n", PROMPT]
+    config = defaults("sampling", batch_size=5, max_new_tokens=12)
+    completions = sample(model, tokenizer, prompts, config, seed=1)
+    hook.remove()
+    lengths = [len(c.completion_ids) for c in completions]
+    assert len(set(lengths)) > 1 and not any(c.truncated for c in completions), lengths
+    prefill, *decode = rows
+    assert prefill[0] == 5 and all(shape[1] == 1 for shape in decode)
+    assert sum(shape[0] for shape in decode) == sum(n - 1 for n in lengths)
+    each_alone = sample(model, tokenizer, prompts, replace(config, batch_size=1), seed=1)
+    for got, alone in zip(completions, each_alone, strict=True):
+        assert got.completion_ids == alone.completion_ids and got.body == alone.body
+        assert got.behaviour_logprobs == pytest.approx(alone.behaviour_logprobs, abs=1e-5)  # batched matmuls

@@ -1,10 +1,10 @@
 """Batched sampling with the KV cache and left padding, cut by the body stop rule.
 
-Uses `model.generate` (the KV cache, padding and the warpers are Hugging Face's) and records, per
-sampled token, its log-probability under the distribution it was drawn from (temperature, top-k
-and top-p applied): the behaviour log-probs of docs/design.md §4.
+A decode loop of our own (the warpers are Hugging Face's) that drops rows as they end, and records,
+per sampled token, its log-probability under the distribution it was drawn from (temperature,
+top-k and top-p applied): the behaviour log-probs of docs/design.md §4.
 
-Each prompt draws from its own random stream (`GumbelSampler`), so what a prompt samples depends
+Each prompt draws from its own random stream (`gumbel_draw`), so what a prompt samples depends
 on its seed and its own logits, not on the batch it shares: any batch size, and any split of the
 prompts over processes, gives the same completions (up to float rounding of batched matmuls).
 """
@@ -19,12 +19,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    GenerationConfig,
     LogitsProcessor,
-    LogitsProcessorList,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -33,7 +29,7 @@ from transformers import (
 from pipeline.config import Config, SamplingConfig
 from pipeline.models.adapters import load_adapters
 from pipeline.models.base import load_base
-from pipeline.models.logits import length_batches
+from pipeline.models.logits import CACHE, length_batches
 from pipeline.tasks.prompts import cut_body, find_fim_tokens
 
 
@@ -67,45 +63,22 @@ def stream_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class BodyStop(StoppingCriteria):
-    """Marks a row finished once its text ends the body (dedent or `return model`)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int, batch: int):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-        self.stop_at: list[int | None] = [None] * batch  # tokens in the action, once stopped
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in range(input_ids.shape[0]):
-            if self.stop_at[row] is None:
-                generated = input_ids[row, self.prompt_length :]
-                if cut_body(self.tokenizer.decode(generated, skip_special_tokens=True))[1]:
-                    self.stop_at[row] = generated.shape[0]
-            done[row] = self.stop_at[row] is not None
-        return done
+def body_ended(tokenizer: PreTrainedTokenizerBase, completion_ids: list[int]) -> bool:
+    """Whether the text of `completion_ids` ends the body (dedent or `return model`)."""
+    return cut_body(tokenizer.decode(completion_ids, skip_special_tokens=True))[1]
 
 
-class GumbelSampler(LogitsProcessor):
-    """Draws every row's next token from softmax(scores) with the row's own generator.
+def gumbel_draw(scores: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token drawn from softmax(scores) (B, V) with the row's own generator, and the
+    token's log-probability under it: two (B,) tensors.
 
-    The Gumbel-max trick: argmax_w (log p(w) + G_w), G_w iid Gumbel(0, 1), is a draw from p. So
-    `generate` runs greedy on the perturbed scores returned here, and each row's draw uses only its
-    own random numbers. Records the log-probability of each drawn token under p.
+    The Gumbel-max trick: argmax_w (log p(w) + G_w), G_w iid Gumbel(0, 1), is a draw from p, and
+    each row's draw uses only its own random numbers (one uniform per vocabulary entry and step).
     """
-
-    def __init__(self, seeds: list[int], device: torch.device):
-        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-        self.logprobs: list[torch.Tensor] = []  # per step, (B,)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = scores.float().log_softmax(-1)
-        uniform = torch.stack(
-            [torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators]
-        )
-        perturbed = logp - torch.log(-torch.log(uniform))  # rand is in [0, 1): G is finite or -inf
-        self.logprobs.append(logp.gather(-1, perturbed.argmax(-1, keepdim=True)).squeeze(-1))
-        return perturbed
+    logp = scores.float().log_softmax(-1)
+    uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])
+    tokens = (logp - torch.log(-torch.log(uniform))).argmax(-1)  # rand is in [0, 1): G is finite or -inf
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def warpers(config: SamplingConfig) -> list[LogitsProcessor]:
@@ -128,50 +101,63 @@ def sample_batch(
     seeds: list[int],
     config: SamplingConfig,
 ) -> list[Completion]:
-    """One completion per tokenized prompt, prompt i drawing with `seeds[i]`; deterministic on the CPU."""
+    """One completion per tokenized prompt, prompt i drawing with `seeds[i]`; deterministic on the CPU.
+
+    A decode loop over the key/value cache that drops each row from the batch as it ends (stop
+    rule, EOS or `max_new_tokens`), so that a batch costs the tokens its completions have, not its
+    longest completion's length times its size (docs/design.md §6). The prompts are left-padded,
+    with position ids that count real tokens only, as in `pipeline.models.logits`.
+    """
     device = next(model.parameters()).device
-    encoded = tokenizer.pad(  # left padding: generation continues every prompt from its end
-        {"input_ids": prompts}, padding_side="left", return_tensors="pt"
-    ).to(device)
-    prompt_length = encoded["input_ids"].shape[1]
-    stop = BodyStop(tokenizer, prompt_length, len(prompts))
-    sampler = GumbelSampler(seeds, device)
-    generation = GenerationConfig(  # explicit: no defaults inherited from the checkpoint
-        do_sample=False,  # greedy on the Gumbel-perturbed scores: a draw (GumbelSampler)
-        temperature=None,
-        top_k=None,
-        top_p=None,
-        max_new_tokens=config.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True,
+    encoded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
+    mask = encoded["attention_mask"]
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(
+        input_ids=encoded["input_ids"],
+        attention_mask=mask,
+        position_ids=position,
+        use_cache=True,
+        logits_to_keep=1,
     )
-    out = model.generate(
-        **encoded,
-        generation_config=generation,
-        logits_processor=LogitsProcessorList([*warpers(config), sampler]),
-        stopping_criteria=StoppingCriteriaList([stop]),
-    )
-    generated = out.sequences[:, prompt_length:]  # (B, T)
-    taken = torch.stack(sampler.logprobs, dim=1)  # (B, T) log-prob of each token where it was drawn
-    completions = []
-    for row in range(len(prompts)):
-        ids = generated[row].tolist()
-        eos = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else None
-        ends = [n for n in (stop.stop_at[row], eos) if n is not None]
-        length = min(ends) if ends else len(ids)
-        action = ids[:length]
-        text = tokenizer.decode(action, skip_special_tokens=True)
-        completions.append(
-            Completion(
-                prompt_ids=prompts[row],
-                completion_ids=action,
-                behaviour_logprobs=taken[row, :length].tolist(),
-                body=cut_body(text)[0],
-                truncated=not ends,
-            )
+    cache, position = getattr(out, CACHE), position[:, -1:]
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    processors = warpers(config)
+    drawn: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)  # by the stop rule or EOS; else by max_new_tokens (truncated)
+    live = list(range(len(prompts)))  # the prompts still drawing, in the batch's row order
+    while True:
+        scores = out.logits[:, -1].float()
+        for warp in processors:  # they read only the scores
+            scores = warp(None, scores)
+        tokens, logp = gumbel_draw(scores, [generators[i] for i in live])
+        for i, token, lp in zip(live, tokens.tolist(), logp.tolist(), strict=True):
+            drawn[i].append(token)
+            logprobs[i].append(lp)
+            ended[i] = token == tokenizer.eos_token_id or body_ended(tokenizer, drawn[i])
+        keep = [row for row, i in enumerate(live) if not ended[i]]
+        if not keep or len(drawn[live[0]]) == config.max_new_tokens:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, position, tokens = mask[index], position[index], tokens[index]
+            live = [live[row] for row in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        position = position + 1
+        out = model(
+            input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=position, **{CACHE: cache}
         )
-    return completions
+    return [
+        Completion(
+            prompt_ids=prompt,
+            completion_ids=action,
+            behaviour_logprobs=logp,
+            body=cut_body(tokenizer.decode(action, skip_special_tokens=True))[0],
+            truncated=not stopped,
+        )
+        for prompt, action, logp, stopped in zip(prompts, drawn, logprobs, ended, strict=True)
+    ]
 
 
 def sample(
