@@ -1,6 +1,7 @@
 """One iteration's sample, targets and train stages of several revisions on the same inputs.
 
     python bench/stage_speed.py DATA_DIR K REV [REV ...] [--repeat 1] [--stages sample,targets,train]
+                                [--keep DIR]
 
 DATA_DIR is a finished run's `data/` folder (tasks, models/warm, iterations/K-1 and K). Each
 revision's code (`git archive REV`, imported through PYTHONPATH by this interpreter's `etpo`) runs
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("revs", nargs="+")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--stages", default="sample,targets,train")
+    parser.add_argument("--keep", type=Path, help="copy each revision's outputs to KEEP/REV")
     args = parser.parse_args()
     stages = args.stages.split(",")
     etpo = str(Path(sys.executable).parent / "etpo")
@@ -79,6 +82,9 @@ def main() -> None:
                     times.setdefault((stage, rev), []).append(time.perf_counter() - began)
                     peak_mb.setdefault((stage, rev), []).append(usage.ru_maxrss / 1024)  # KiB on Linux
                     print(f"{rev} {stage}: {times[stage, rev][-1]:.1f} s", file=sys.stderr, flush=True)
+        if args.keep:  # the last repeat's outputs, to compare what the revisions wrote
+            for rev in args.revs:
+                shutil.copytree(Path(tmp) / f"out-{rev}", args.keep / rev, dirs_exist_ok=True)
     print("| stage | " + " | ".join(args.revs) + " | ratio | peak RSS (MiB) |")
     print("|---" * (len(args.revs) + 3) + "|")
     for stage in stages:
