@@ -206,3 +206,8 @@ def test_finished_rows_leave_the_batch(tiny_base, monkeypatch):
     for got, alone in zip(completions, each_alone, strict=True):
         assert got.completion_ids == alone.completion_ids and got.body == alone.body
         assert got.behaviour_logprobs == pytest.approx(alone.behaviour_logprobs, abs=1e-5)  # batched matmuls
+        ids = torch.tensor([got.prompt_ids + got.completion_ids])  # and a plain forward pass agrees
+        with torch.no_grad():
+            logp = model(ids).logits[0, len(got.prompt_ids) - 1 : -1].log_softmax(-1)
+        want = logp.gather(-1, torch.tensor(got.completion_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(got.behaviour_logprobs), want, atol=1e-4)

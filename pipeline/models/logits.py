@@ -155,7 +155,10 @@ class FrozenLogits:
     An action's logits depend only on its tokens and the network, so they are kept by (adapter,
     prompt, completion), whatever minibatch the action lands in next. At most `budget_mb` MiB are
     kept (an action costs its length x vocabulary x 4 bytes); a minibatch with an action not kept
-    is computed again whole. One instance serves one train stage: pi_k is that stage's.
+    is computed again whole. One instance serves one train stage: pi_k is that stage's. The passes
+    run in eval mode (no dropout), so a kept tensor is what a recomputation gives, to float rounding.
+    Under a multi-process launch each process keeps its own (the budget is per process, on its
+    device), and shards change with each epoch's shuffle, so there the saving is small.
     """
 
     def __init__(self, budget_mb: float) -> None:
@@ -170,8 +173,11 @@ class FrozenLogits:
         if all(key in self.kept for key in keys):
             T = batch.taken.shape[1]
             return torch.stack([F.pad(self.kept[key], (0, 0, 0, T - len(key[2]))) for key in keys])
+        training = model.training
+        model.eval()  # a fixed target: no dropout noise, kept or recomputed alike
         with torch.no_grad():
             z = action_logits(model, batch, adapter)
+        model.train(training)
         for b, key in enumerate(keys):
             size = len(key[2]) * z.shape[-1] * z.element_size()
             if key not in self.kept and self.used + size <= self.budget:
