@@ -29,7 +29,7 @@ from transformers import (
 from pipeline.config import Config, SamplingConfig
 from pipeline.models.adapters import load_adapters
 from pipeline.models.base import load_base
-from pipeline.models.logits import CACHE, length_batches
+from pipeline.models.logits import CACHE, length_batches, real_positions
 from pipeline.tasks.prompts import cut_body, find_fim_tokens
 
 
@@ -106,12 +106,12 @@ def sample_batch(
     A decode loop over the key/value cache that drops each row from the batch as it ends (stop
     rule, EOS or `max_new_tokens`), so that a batch costs the tokens its completions have, not its
     longest completion's length times its size (docs/design.md §6). The prompts are left-padded,
-    with position ids that count real tokens only, as in `pipeline.models.logits`.
+    with position ids that count real tokens only (`real_positions`).
     """
     device = next(model.parameters()).device
     encoded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
     mask = encoded["attention_mask"]
-    position = (mask.cumsum(1) - 1).clamp(min=0)
+    position = real_positions(mask)
     out = model(
         input_ids=encoded["input_ids"],
         attention_mask=mask,

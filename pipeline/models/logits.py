@@ -230,13 +230,18 @@ def _forward(
     return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`
 
 
+def real_positions(mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows that count real tokens only (padding gets 0, and is masked)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def _two_passes(model: PeftModel, batch: ActionBatch, hidden: bool) -> tuple[Tensor, Tensor]:
     """The prompts' pass: the last position of each (real, thanks to left padding) predicts its
     samples' first token. The completions' pass: tokens 0 .. T - 2 of every sample, from its
     prompt's cache gathered by `prompt_of` (indexing is an autograd op, so gradients reach the
     prompts' pass), at positions that continue its prompt's real length."""
     T = batch.taken.shape[1]
-    positions = (batch.prompt_mask.cumsum(1) - 1).clamp(min=0)
+    positions = real_positions(batch.prompt_mask)
     out = model(
         input_ids=batch.prompts,
         attention_mask=batch.prompt_mask,
