@@ -1,12 +1,13 @@
 """Where the main job's time goes: `dvc repro` from a fresh clone, wall time per stage.
 
-    python bench/main_job.py [REV ...] [--set KEY=VALUE ...]
+    python bench/main_job.py [REV ...] [--set KEY=VALUE ...] [--set-in REV KEY=VALUE ...]
 
 For each git revision (default HEAD), clones this repository at REV into a temporary folder, runs
 `dvc repro` there with this interpreter's environment (its `etpo` imports the clone's `pipeline`:
 PYTHONPATH points at the clone) and times each stage from DVC's "Running stage" lines. Several
 revisions run one after another in one sitting, so their ratios share the machine's state.
-`--set` overrides params.yaml keys in every clone (e.g. `--set sampling.batch_size=16`);
+`--set` overrides params.yaml keys in every clone (e.g. `--set sampling.batch_size=16`), `--set-in
+REV KEY=VALUE` in REV's clone only (to run an old algorithm's settings on new code, say);
 `--keep DIR` makes the clones in DIR/REV and keeps them (their dvc.lock and outputs).
 Prints one markdown table: a row per stage, a column per revision, and the total.
 """
@@ -74,12 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("revs", nargs="*", default=["HEAD"])
     parser.add_argument("--set", dest="changes", action="append", default=[])
+    parser.add_argument("--set-in", dest="changes_in", nargs=2, action="append", default=[])
     parser.add_argument("--keep", type=Path)
     args = parser.parse_args()
     results = {}
     for rev in args.revs:
         log = Path(tempfile.gettempdir()) / f"profile-{rev}.log"
-        results[rev] = profile(rev, args.changes, log, args.keep)
+        changes = args.changes + [change for only, change in args.changes_in if only == rev]
+        results[rev] = profile(rev, changes, log, args.keep)
         print(f"{rev}: {sum(results[rev].values()):.0f} s", file=sys.stderr, flush=True)
     stages = list(dict.fromkeys(s for times in results.values() for s in times))
     print("| stage | " + " | ".join(args.revs) + " |")
