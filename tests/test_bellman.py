@@ -7,12 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.etpo import losses
 from pipeline.etpo.bellman import q_targets, q_values, token_stats
 from pipeline.etpo.losses import (
     critic_loss,
     importance_weights,
     policy_loss,
+    policy_target,
     polyak_update,
+    projection,
     taken_token_target,
     untaken_kl,
 )
@@ -523,3 +526,32 @@ def test_polyak_update_moves_a_fraction_tau():
     target, online = [torch.zeros(3)], [torch.ones(3)]
     polyak_update(target, online, 0.25)
     assert torch.allclose(target[0], torch.full((3,), 0.25))
+
+
+def test_the_chunked_projection_equals_autograd_of_its_formula(monkeypatch):
+    """`projection` (chunk by chunk over the valid positions, its own backward) gives the KL,
+    entropy and normaliser of the plain formula and the same gradient in z_pi, 0 past the actions,
+    whatever the chunk size; the loss it feeds is `policy_loss`'s for a proximal return target."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, V, beta, eta = 3, 4, 13, 0.1, 0.9
+    z_pi, z_rho, z_prev = (torch.randn(B, T, V, generator=gen, dtype=torch.float64) for _ in range(3))
+    taken, advantage = torch.randint(0, V, (B, T), generator=gen), torch.randn(B, T, generator=gen).double()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float64)
+    log_target, log_z = policy_target(None, None, beta, "residual", z_rho, taken, advantage, z_prev, eta)
+    valid = mask != 0
+
+    z = z_pi.clone().requires_grad_(True)
+    logp = z.log_softmax(-1)
+    want_kl = (logp.exp() * (logp - log_target)).sum(-1) + log_z
+    (want_grad,) = torch.autograd.grad((want_kl * mask).sum(), z)
+    want_entropy = -(logp.exp() * logp).sum(-1)
+    for chunk_bytes in (1, 2 * 4 * V, 2**20):  # one position, two, all at once
+        monkeypatch.setattr(losses, "PROJECTION_BYTES", chunk_bytes)
+        z = z_pi.clone().requires_grad_(True)
+        kl, entropy, lse = projection(z, log_target[valid], log_z[valid], valid)
+        kl.sum().backward()
+        assert torch.allclose(kl, want_kl[valid]) and torch.allclose(entropy, want_entropy[valid].detach())
+        assert torch.allclose(lse, z_pi.logsumexp(-1)[valid])
+        assert torch.allclose(z.grad, want_grad) and (z.grad[~valid] == 0).all()
+    got = policy_loss(z_pi, None, mask, beta, "residual", z_rho, taken, advantage, z_prev, eta)
+    assert torch.allclose(got, (want_kl * mask).sum() / mask.sum())

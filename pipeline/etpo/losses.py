@@ -167,6 +167,59 @@ def proximal_target(log_target: Tensor, logp_previous: Tensor, beta: float, eta:
     return log_target + eta / (beta + eta) * (logp_previous - log_target)
 
 
+def policy_target(
+    z_pi: Tensor | None,
+    z_critic: Tensor | None,
+    beta: float,
+    parametrisation: Parametrisation,
+    z_rho: Tensor | None = None,
+    taken: Tensor | None = None,
+    advantage: Tensor | None = None,
+    z_previous: Tensor | None = None,
+    eta: float = 0.0,
+    importance: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log pi_T (..., V), unnormalised and constant, and its log-normaliser log Z (...): the target
+    `policy_loss` projects the policy onto. Logits (..., V); taken, advantage, importance (...).
+
+    Without `taken`: pi_star, from the critic's logits (normalised, log Z = 0). With `taken` (needs
+    z_rho): `tilted_target`'s pi_T, rho tilted at the taken token only, so the tokens nobody
+    sampled (the junk tail a fit at taken tokens drags along, bench/RESULTS.md) get none of the
+    target's mass; by `advantage`, the observed return's y_j - V_j (`etpo.policy_target: return`),
+    which reads neither z_pi nor z_critic, else by the critic's (`critic_advantage`). With
+    `importance`, `importance_weights` of the taken tokens, the tilt is A times it: A / mu(a) up to
+    the cap (`etpo.importance`). With `z_previous`, the logits of pi_k, and eta > 0, the target is
+    `proximal_target`'s step from pi_k toward the one above (`etpo.proximal`). A `return` target
+    reads only networks that stay fixed through train@k, so train keeps it per action
+    (`pipeline.etpo.train`).
+    """
+    if taken is None:
+        z_rho = z_rho.detach().float() if z_rho is not None else None
+        log_target = optimal_policy_logits(z_critic.detach().float(), z_rho, beta, parametrisation)
+        log_target = log_target.log_softmax(-1)  # normalised: pi_star itself
+        log_z = log_target.new_zeros(log_target.shape[:-1])
+    elif z_rho is None:
+        raise ValueError("a policy target at the taken tokens needs the reference's logits z_rho")
+    else:
+        z_rho = z_rho.detach().float()
+        logp_rho = z_rho.log_softmax(-1)
+        if advantage is None:
+            # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
+            z_critic = z_critic.detach().float()
+            q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
+            advantage = critic_advantage(z_pi.detach().float().log_softmax(-1), logp_rho, q, taken, beta)
+        advantage = advantage.detach().float()
+        if importance is not None:
+            advantage = advantage * importance.detach().float()
+        log_target, log_z = tilted_target(logp_rho, taken, advantage, beta)
+    if eta > 0:
+        if z_previous is None:
+            raise ValueError("a proximal policy target (eta > 0) needs pi_k's logits z_previous")
+        log_target = proximal_target(log_target, z_previous.detach().float().log_softmax(-1), beta, eta)
+        log_z = log_target.logsumexp(-1)
+    return log_target, log_z
+
+
 def policy_loss(
     z_pi: Tensor,
     z_critic: Tensor,
@@ -180,50 +233,77 @@ def policy_loss(
     eta: float = 0.0,
     importance: Tensor | None = None,
 ) -> Tensor:
-    """KL(pi_theta || pi_star) per position, masked mean: the projection onto the soft-optimal policy.
+    """KL(pi_theta || pi_T) per position, masked mean: the projection onto `policy_target`'s target
+    (pi_star without `taken`). z_pi, z_critic, z_rho, z_previous (B, T, V); mask and the rest (B, T).
 
     Unlike the reference code's `beta * log_softmax - Q` (which never sees Q's ranking of tokens
-    through pi), the gradient moves pi toward tokens with higher Q relative to rho.
-    grad KL = sum_w grad pi(w) [log pi(w) - log pi_star(w)] + grad sum_w pi(w), and the last term
-    is 0 since pi sums to 1; we drop it by detaching the log-ratio. The value is unchanged, and
-    the gradient is exactly 0 when pi == pi_star (instead of rounding noise Adam would amplify).
-    With `taken` (B, T) the target is `tilted_target`'s pi_T (needs z_rho): the critic's word is
-    taken only where it was fitted, so the tokens nobody sampled (the junk tail a fit at taken
-    tokens drags along, bench/RESULTS.md) get none of the target's mass. Its advantage is the
-    critic's (`critic_advantage`), or `advantage` (B, T) where given: the observed return's,
-    y_j - V_j (`etpo.policy_target: return`), which does not read z_critic. log Z is added to the
-    value outside the detached log-ratio, so pi = pi_T gives exactly zero gradient.
-    With `importance` (B, T), `importance_weights` of the taken tokens, the tilt is A times it:
-    A / mu(a) up to the cap (`etpo.importance`). With `z_previous` (B, T, V), the
-    logits of pi_k, and eta > 0 the target is `proximal_target`'s step from pi_k toward the one
-    above (`etpo.proximal`).
+    through pi), the gradient moves pi toward tokens with higher Q relative to rho (`projection`).
     """
-    logp_pi = z_pi.float().log_softmax(-1)
-    if taken is None:
-        z_rho = z_rho.detach().float() if z_rho is not None else None
-        log_target = optimal_policy_logits(z_critic.detach().float(), z_rho, beta, parametrisation)
-        log_target, log_z = log_target.log_softmax(-1), 0.0  # normalised: pi_star itself
-    elif z_rho is None:
-        raise ValueError("a policy target at the taken tokens needs the reference's logits z_rho")
-    else:
-        z_rho = z_rho.detach().float()
-        logp_rho = z_rho.log_softmax(-1)
-        if advantage is None:
-            # Q up to a per-state constant, which the advantage cancels (the dueling critic's value)
-            z_critic = z_critic.detach().float()
-            q = q_values(z_critic, z_rho, beta, parametrisation, z_critic.new_zeros(z_critic.shape[:-1]))
-            advantage = critic_advantage(logp_pi.detach(), logp_rho, q, taken, beta)
-        advantage = advantage.detach().float()
-        if importance is not None:
-            advantage = advantage * importance.detach().float()
-        log_target, log_z = tilted_target(logp_rho, taken, advantage, beta)
-    if eta > 0:
-        if z_previous is None:
-            raise ValueError("a proximal policy target (eta > 0) needs pi_k's logits z_previous")
-        log_target = proximal_target(log_target, z_previous.detach().float().log_softmax(-1), beta, eta)
-        log_z = log_target.logsumexp(-1)
-    kl = (logp_pi.exp() * (logp_pi - log_target).detach()).sum(-1) + log_z
-    return masked_mean(kl, mask)
+    log_target, log_z = policy_target(
+        z_pi, z_critic, beta, parametrisation, z_rho, taken, advantage, z_previous, eta, importance
+    )
+    valid = mask != 0
+    kl = projection(z_pi, log_target[valid], log_z[valid], valid)[0]
+    return (kl * mask[valid]).sum() / mask.sum().clamp(min=1)  # `masked_mean` of the valid positions
+
+
+PROJECTION_BYTES = 8 * 2**20  # a chunk's (rows, V) fp32 temporaries: cache-sized, reused by malloc
+
+
+def projection(
+    z_pi: Tensor, log_target: Tensor, log_z: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(pi || pi_T), the entropy H(pi) and log sum_w exp z_pi(w), each (N,), at the N `valid`
+    positions of z_pi (B, T, V), in their row-major order; log_target (N, V), log_z (N,) as
+    `policy_target` gives them, constants. Only the KL has a gradient, into z_pi.
+
+        KL = sum_w pi(w) [log pi(w) - log pi_T(w)] + log Z,   grad_z KL = pi (r - E_pi[r]),
+        r = log pi - log pi_T
+
+    The gradient of the normaliser term, grad sum_w pi(w), is 0 since pi sums to 1, and a constant
+    log Z shifts r by its mean only: the gradient is exactly 0 where pi == pi_T (instead of rounding
+    noise Adam would amplify). Computed a cache-sized chunk of positions at a time, the positions
+    past each action skipped: autograd of the same formula holds ~10 (B, T, V) temporaries, and
+    the elementwise passes over them, not the matrix products, were half the policy step's time
+    (docs/design.md §6).
+    """
+    return _Projection.apply(z_pi, log_target.detach(), log_z.detach(), valid)
+
+
+class _Projection(torch.autograd.Function):
+    """`projection`'s forward and backward, chunk by chunk over the valid positions."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, log_target: Tensor, log_z: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+        rows = valid.flatten().nonzero().squeeze(1)
+        flat = z.reshape(-1, z.shape[-1])
+        kl, entropy, lse = (flat.new_empty(len(rows)) for _ in range(3))
+        for part in _chunks(len(rows), z.shape[-1]):
+            logits = flat.index_select(0, rows[part])
+            logp = logits.log_softmax(-1)
+            p = logp.exp()
+            kl[part] = (p * (logp - log_target[part])).sum(-1)
+            entropy[part] = -(p * logp).sum(-1)
+            lse[part] = logits.logsumexp(-1)
+        ctx.save_for_backward(z, log_target, kl, rows)
+        ctx.mark_non_differentiable(entropy, lse)
+        return kl + log_z, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_kl: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        z, log_target, kl, rows = ctx.saved_tensors
+        flat = z.reshape(-1, z.shape[-1])
+        grad = torch.zeros_like(flat)
+        for part in _chunks(len(rows), z.shape[-1]):
+            logp = flat.index_select(0, rows[part]).log_softmax(-1)
+            r = logp - log_target[part]
+            grad.index_copy_(0, rows[part], logp.exp() * (r - kl[part, None]) * grad_kl[part, None])
+        return grad.view_as(z), None, None, None
+
+
+def _chunks(n: int, vocabulary: int) -> list[slice]:
+    size = max(1, PROJECTION_BYTES // (4 * vocabulary))
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 @torch.no_grad()

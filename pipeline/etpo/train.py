@@ -25,10 +25,22 @@ from peft import PeftModel
 from torch import Tensor
 
 from pipeline.config import EtpoConfig
-from pipeline.etpo.losses import critic_loss, importance_weights, policy_loss, polyak_update, untaken_kl
+from pipeline.etpo.losses import (
+    critic_loss,
+    importance_weights,
+    policy_target,
+    polyak_update,
+    projection,
+    untaken_kl,
+)
 from pipeline.models.adapters import PREVIOUS_POLICY, adapter_parameters
-from pipeline.models.logits import ActionBatch, FrozenLogits, action_logits, action_logits_and_hidden
-from pipeline.models.tokens import entropy, masked_mean
+from pipeline.models.logits import (
+    ActionBatch,
+    FrozenLogits,
+    action_logits,
+    action_logits_and_hidden,
+    frozen_logits,
+)
 from pipeline.models.update import Minibatch, Step
 
 
@@ -84,43 +96,66 @@ def etpo_update(
 ) -> dict[str, Tensor]:
     """Update the critic, policy and target adapters of `model` in place; return per-token means.
 
-    `frozen` keeps rho's and pi_k's logits across the calls of one train stage (none: recomputed)."""
+    `frozen` keeps what the fixed networks give across the calls of one train stage (none:
+    recomputed): the `return` target itself, else rho's and pi_k's logits."""
     frozen = frozen or FrozenLogits(0)
     batch = mb.batch
+    valid = batch.mask != 0
     y = mb.column("q_target")  # (B, T) targets, 0 past each action
     ref_logit, ref_logprob = mb.column("ref_logit"), mb.column("ref_logprob")  # (B, T), of rho
 
     loss_q, logged, z_critic = critic_objective(model, batch, y, ref_logit, ref_logprob, etpo)
     step("critic", loss_q)
 
-    z_rho = None
-    at_taken = etpo.policy_target != "vocabulary"
-    if etpo.parametrisation == "paper" or at_taken:
-        z_rho = frozen(model, batch, None)
-    z_previous = None
-    if etpo.proximal > 0:  # pi_k: the policy as train@k started (`pipeline.algorithms.prepare_update`)
-        z_previous = frozen(model, batch, PREVIOUS_POLICY)
-    # the policy's pass is the last adapter switch before its backward (peft's set_adapter)
-    z_pi = action_logits(model, batch, "policy")
-    taken = batch.taken if at_taken else None
-    # the observed return's advantage y_j - V_j, as the targets stage stored it (no critic pass)
-    advantage = mb.column("advantage") if etpo.policy_target == "return" else None
-    args = (z_pi, z_critic, batch.mask, etpo.beta, etpo.parametrisation)
-    weights = None  # min(1 / mu(a), cap), mu the policy that drew the token (this or a replayed iteration)
-    if etpo.importance > 1:
-        weights = importance_weights(mb.column("behaviour_logprobs"), etpo.importance)
-    loss_pi = policy_loss(*args, z_rho, taken, advantage, z_previous, etpo.proximal, weights)
+    if etpo.policy_target == "return":  # reads rho and pi_k only: fixed through train@k
+        log_target, log_z = frozen.keep("return target", batch, lambda: return_target(model, mb, etpo))
+        z_pi = action_logits(model, batch, "policy")  # the last adapter switch before its backward
+    else:
+        z_rho = (
+            frozen(model, batch, None)
+            if etpo.parametrisation == "paper" or etpo.policy_target == "taken"
+            else None
+        )
+        z_previous = frozen(model, batch, PREVIOUS_POLICY) if etpo.proximal > 0 else None
+        z_pi = action_logits(model, batch, "policy")
+        taken = batch.taken if etpo.policy_target == "taken" else None
+        target = policy_target(
+            z_pi, z_critic, etpo.beta, etpo.parametrisation, z_rho, taken, None, z_previous, etpo.proximal,
+            behaviour_weights(mb, etpo),
+        )  # fmt: skip
+        log_target, log_z = (t[valid] for t in target)
+    kl, entropy, log_normaliser = projection(z_pi, log_target, log_z, valid)
+    loss_pi = kl.sum() / max(1, kl.numel())  # the mean over valid tokens
     step("policy", loss_pi)
 
     target = adapter_parameters(model, "target") + list(model.target_value_head.parameters())
     polyak_update(target, adapter_parameters(model, "critic") + list(model.value_head.parameters()), etpo.tau)
     with torch.no_grad():
-        logp_pi = z_pi.float().log_softmax(-1)
-        logp_taken = logp_pi.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)
+        logp_taken = z_pi.gather(-1, batch.taken.unsqueeze(-1)).squeeze(-1)[valid] - log_normaliser
         return logged | {
             "train/policy_loss": loss_pi,
             # log pi/rho of tokens the behaviour policy drew: near KL(pi || rho) while pi stays
             # near that policy (the exact KL is eval's)
-            "train/logratio_ref": masked_mean(logp_taken - ref_logprob, batch.mask),
-            "train/entropy": masked_mean(entropy(logp_pi), batch.mask),
+            "train/logratio_ref": (logp_taken - ref_logprob[valid]).sum() / max(1, kl.numel()),
+            "train/entropy": entropy.sum() / max(1, kl.numel()),
         }
+
+
+def return_target(model: PeftModel, mb: Minibatch, etpo: EtpoConfig) -> tuple[Tensor, Tensor]:
+    """`policy_target` for `etpo.policy_target: return`, (B, T, V) and (B, T): rho tilted at the
+    taken tokens by the stored y_j - V_j (times the importance weights), and the proximal step
+    from pi_k toward it; rho and pi_k from passes without gradients."""
+    z_rho = frozen_logits(model, mb.batch, None)
+    z_previous = frozen_logits(model, mb.batch, PREVIOUS_POLICY) if etpo.proximal > 0 else None
+    return policy_target(
+        None, None, etpo.beta, etpo.parametrisation, z_rho, mb.batch.taken, mb.column("advantage"),
+        z_previous, etpo.proximal, behaviour_weights(mb, etpo),
+    )  # fmt: skip
+
+
+def behaviour_weights(mb: Minibatch, etpo: EtpoConfig) -> Tensor | None:
+    """(B, T) min(1 / mu(a), cap), mu the policy that drew the token (this or a replayed iteration);
+    None where `etpo.importance` is off."""
+    return (
+        importance_weights(mb.column("behaviour_logprobs"), etpo.importance) if etpo.importance > 1 else None
+    )

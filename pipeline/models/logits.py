@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -61,21 +60,15 @@ class ActionBatch:
         fields = (self.prompts, self.prompt_mask, self.prompt_of, self.taken, self.mask)
         return ActionBatch(*(t.to(device) for t in fields))
 
-    def part(self, groups: list[int]) -> tuple[ActionBatch, Tensor]:
-        """The actions of the distinct prompts `groups` as a batch of their own, padding trimmed to
-        its longest prompt and completion, and their rows in this batch."""
-        index = torch.tensor(groups, device=self.prompt_of.device)
-        rows = torch.isin(self.prompt_of, index).nonzero().squeeze(1)
-        local = torch.zeros_like(self.prompt_of)
-        local[index] = torch.arange(len(groups), device=index.device)
+    def part(self, rows: list[int]) -> tuple[ActionBatch, Tensor]:
+        """The actions `rows` as a batch of their own (their distinct prompts only), padding trimmed
+        to its longest prompt and completion, and their rows in this batch."""
+        rows = torch.tensor(rows, device=self.prompt_of.device)
+        index, local = torch.unique(self.prompt_of[rows], return_inverse=True)  # their prompts
         mask = self.prompt_mask[index]
         P, T = int(mask.sum(1).max()), max(1, int(self.mask[rows].sum(1).max()))
         part = ActionBatch(
-            self.prompts[index, -P:],
-            mask[:, -P:],
-            local[self.prompt_of[rows]],
-            self.taken[rows, :T],
-            self.mask[rows, :T],
+            self.prompts[index, -P:], mask[:, -P:], local, self.taken[rows, :T], self.mask[rows, :T]
         )
         return part, rows
 
@@ -149,41 +142,61 @@ def action_logits_and_hidden(model: PeftModel, batch: ActionBatch, adapter: str)
 
 
 class FrozenLogits:
-    """Logits of the networks that stay fixed through train@k, the reference rho and pi_k, computed
-    once per action and reused in later epochs instead of a pass per epoch (docs/design.md §6).
+    """What the networks that stay fixed through train@k give (the reference rho, pi_k), computed
+    once per action and reused in later epochs instead of a pass per epoch (docs/design.md §6):
+    their logits, or a target built from them (`keep`).
 
-    An action's logits depend only on its tokens and the network, so they are kept by (adapter,
-    prompt, completion), whatever minibatch the action lands in next. At most `budget_mb` MiB are
-    kept (an action costs its length x vocabulary x 4 bytes); a minibatch with an action not kept
-    is computed again whole. One instance serves one train stage: pi_k is that stage's. The passes
-    run in eval mode (no dropout), so a kept tensor is what a recomputation gives, to float rounding.
-    Under a multi-process launch each process keeps its own (the budget is per process, on its
-    device), and shards change with each epoch's shuffle, so there the saving is small.
+    An action's values depend only on its tokens (and per-action constants), so they are kept by
+    (name, prompt, completion), whatever minibatch the action lands in next. At most `budget_mb`
+    MiB are kept (an action's logits cost its length x vocabulary x 4 bytes); a minibatch with an
+    action not kept is computed again whole. One instance serves one train stage: pi_k is that
+    stage's. The passes run in eval mode (no dropout), so a kept tensor is what a recomputation
+    gives, to float rounding. Under a multi-process launch each process keeps its own (the budget
+    is per process, on its device), and shards change with each epoch's shuffle, so there the
+    saving is small.
     """
 
     def __init__(self, budget_mb: float) -> None:
         self.budget = int(budget_mb * 2**20)
         self.used = 0
-        self.kept: dict[tuple, Tensor] = {}
+        self.kept: dict[tuple, tuple[Tensor, ...]] = {}
 
     def __call__(self, model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
-        """(B, T, V) `action_logits(model, batch, adapter)`, without gradients; 0 past each action
-        where they come from what was kept."""
-        keys = [(adapter, *action) for action in _actions(batch)]
+        """(B, T, V) `action_logits(model, batch, adapter)`, without gradients, 0 past each action."""
+        (rows,) = self.keep(adapter, batch, lambda: (frozen_logits(model, batch, adapter),))
+        out = rows.new_zeros((*batch.mask.shape, rows.shape[-1]))
+        out[batch.mask != 0] = rows
+        return out
+
+    def keep(
+        self, name: str | None, batch: ActionBatch, compute: Callable[[], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, ...]:
+        """`compute()`'s (B, T, ...) tensors at the batch's valid positions, (N, ...) each in row-major
+        order, from what was kept under `name` for every action, or computed (and kept if there is
+        room)."""
+        keys = [(name, *action) for action in _actions(batch)]
         if all(key in self.kept for key in keys):
-            T = batch.taken.shape[1]
-            return torch.stack([F.pad(self.kept[key], (0, 0, 0, T - len(key[2]))) for key in keys])
-        training = model.training
-        model.eval()  # a fixed target: no dropout noise, kept or recomputed alike
-        with torch.no_grad():
-            z = action_logits(model, batch, adapter)
-        model.train(training)
+            return tuple(torch.cat(parts) for parts in zip(*(self.kept[key] for key in keys), strict=True))
+        values = compute()
         for b, key in enumerate(keys):
-            size = len(key[2]) * z.shape[-1] * z.element_size()
+            n = len(key[2])
+            size = sum(t[b, :n].nelement() * t.element_size() for t in values)
             if key not in self.kept and self.used + size <= self.budget:
-                self.kept[key] = z[b, : len(key[2])].clone()
+                self.kept[key] = tuple(t[b, :n].clone() for t in values)
                 self.used += size
-        return z
+        valid = batch.mask != 0
+        return tuple(t[valid] for t in values)
+
+
+def frozen_logits(model: PeftModel, batch: ActionBatch, adapter: str | None) -> Tensor:
+    """(B, T, V) `action_logits` of a network train@k holds fixed: no gradients, and eval mode, so
+    a fixed target has no dropout noise, kept or recomputed alike."""
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        z = action_logits(model, batch, adapter)
+    model.train(training)
+    return z
 
 
 def _actions(batch: ActionBatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -200,6 +213,7 @@ def _actions(batch: ActionBatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]
 # old name is still accepted there (deprecated), but older versions know only the old one.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 PROMPT_SLACK = 1.25  # prompts up to 1.25x apart share a pass: at most 20% of its prompt tokens pad
+COMPLETION_SLACK = 1.5  # completions up to 1.5x apart: fewest tokens processed on real minibatches (RESULTS)
 ACTIONS_PER_PASS = 16  # actions at once outside training (targets, eval's KL): 16 x T x V logits
 
 
@@ -208,26 +222,46 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     """(B, T, V) fp32 logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
 
-    The distinct prompts go in batches of similar length (`length_batches`), so that little
-    compute goes to padding; each batch takes two passes (`_two_passes`).
+    The actions go in parts of similar prompt and completion length (`length_batches`), so that
+    little compute goes to padding; each part takes two passes (`_two_passes`).
     """
     if adapter is not None:
         model.set_adapter(adapter)
-    lengths = batch.prompt_mask.sum(1).tolist()
-    parts = [batch.part(groups) for groups in length_batches(lengths, len(lengths), PROMPT_SLACK)]
+    parts = [batch.part(rows) for rows in _similar_lengths(batch)]
     with reference(model) if adapter is None else nullcontext():
         outputs = [_two_passes(model, part, hidden) for part, _ in parts]
     if len(parts) == 1:
-        logits, states = outputs[0]
-    else:
-        T = batch.taken.shape[1]
-        logits = torch.cat([F.pad(z, (0, 0, 0, T - z.shape[1])) for z, _ in outputs])
-        states = (
-            torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for _, h in outputs]) if hidden else outputs[0][1]
-        )
-        back = torch.argsort(torch.cat([rows for _, rows in parts]))  # parts' order -> row order
-        logits, states = logits[back], states[back] if hidden else states
-    return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`
+        return outputs[0][0].float(), outputs[0][
+            1
+        ].float()  # the maths runs in fp32 whatever `model.precision`
+    B, T = batch.taken.shape
+    logits = outputs[0][0].new_zeros((B, T, outputs[0][0].shape[-1]), dtype=torch.float32)
+    states = outputs[0][1].new_zeros((B, T, outputs[0][1].shape[-1]), dtype=torch.float32) if hidden else None
+    for (_, rows), (z, h) in zip(parts, outputs, strict=True):  # an autograd op: gradients reach each part
+        logits[rows, : z.shape[1]] = z.float()
+        if hidden:
+            states[rows, : h.shape[1]] = h.float()
+    return logits, states if hidden else torch.empty(0)
+
+
+def _similar_lengths(batch: ActionBatch) -> list[list[int]]:
+    """The batch's actions in parts: distinct prompts of similar length, then, within those, actions
+    of similar completion length, each part's rows in batch order (one part: the batch itself). A
+    part pads its completions to its longest: a minibatch of 16 samples whose completions run from
+    30 to 160 tokens would spend ~40% of the completion tokens it processes on padding, in every
+    pass and every (B, T, V) tensor; a state whose samples are cut into several parts runs its
+    prompt once per part (docs/design.md §6)."""
+    prompt_lengths = batch.prompt_mask.sum(1).tolist()
+    completion_lengths = batch.mask.sum(1).long().tolist()
+    parts = []
+    for prompts in length_batches(prompt_lengths, len(prompt_lengths), PROMPT_SLACK):
+        rows = torch.isin(batch.prompt_of, torch.tensor(prompts, device=batch.prompt_of.device))
+        rows = rows.nonzero().squeeze(1).tolist()
+        lengths = [completion_lengths[r] for r in rows]
+        parts += [
+            sorted(rows[i] for i in part) for part in length_batches(lengths, len(lengths), COMPLETION_SLACK)
+        ]
+    return parts
 
 
 def real_positions(mask: Tensor) -> Tensor:
