@@ -1,15 +1,16 @@
 """One iteration's sample, targets and train stages of several revisions on the same inputs.
 
     python bench/stage_speed.py DATA_DIR K REV [REV ...] [--repeat 1] [--stages sample,targets,train]
-                                [--keep DIR]
+                                [--keep DIR] [--set KEY=VALUE ...]
 
 DATA_DIR is a finished run's `data/` folder (tasks, models/warm, iterations/K-1 and K). Each
 revision's code (`git archive REV`, imported through PYTHONPATH by this interpreter's `etpo`) runs
 `etpo sample` for iteration K from K-1's adapters and open episodes, `etpo targets` on K's executed
 actions, and `etpo train` on K's targets, each with that revision's params.yaml (algo etpo) and
-the same inputs, so the stage times compare code, not trajectories. Revisions alternate within
-each repeat, so they share the machine's state. Prints a markdown table of wall seconds and of
-each stage process's peak resident memory.
+the same inputs, so the stage times compare code, not trajectories. `--set` changes a param in
+every revision's params.yaml (e.g. `--set train.minibatch_size=16` for a run of 16 samples a
+state). Revisions alternate within each repeat, so they share the machine's state. Prints a
+markdown table of wall seconds and of each stage process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from main_job import set_params  # bench/, this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--stages", default="sample,targets,train")
     parser.add_argument("--keep", type=Path, help="copy each revision's outputs to KEEP/REV")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     stages = args.stages.split(",")
     etpo = str(Path(sys.executable).parent / "etpo")
@@ -64,6 +68,7 @@ def main() -> None:
                 ["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True
             )
             subprocess.run(["tar", "-x", "-C", str(trees[rev])], input=archive.stdout, check=True)
+            set_params(trees[rev] / "params.yaml", args.set)
         for _ in range(args.repeat):
             for rev, tree in trees.items():
                 out = Path(tmp) / f"out-{rev}"

@@ -218,10 +218,10 @@ class TrainConfig:
     grad_clip: float = field(metadata=_range(0.0, 1e6))
     """Max global grad norm per adapter; 0 disables clipping."""
     logit_cache_mb: float = field(metadata=_range(0.0, 1e9))
-    """MiB of ETPO's frozen logits (rho's and pi_k's, which do not change during train@k) kept from
-    the first epoch for the others, one pass each saved per epoch; an action costs its tokens x
-    vocabulary x 4 bytes per network (~0.4 GB for 1,000 tokens of SmolLM2, both networks). 0
-    recomputes them every epoch (docs/design.md §6)."""
+    """MiB of what ETPO reads from networks that do not change during train@k (rho, pi_k) kept from
+    the first epoch for the others, their passes saved: the `return` policy target (an action costs
+    its tokens x vocabulary x 4 bytes, ~0.2 GB for 1,000 tokens of SmolLM2), or, for the other
+    targets, rho's and pi_k's logits (twice that). 0 recomputes them every epoch (docs/design.md §6)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ stage stored (ref_logit, ref_logprob): the reference never changes, so it runs o
 not once per epoch. pi_star = softmax(z_critic) for the residual and dueling critics; only the
 paper's parametrisation (pi_star ∝ rho exp(z_critic / beta)) and `etpo.policy_target` taken or
 return (rho's shape off the taken token) need a reference pass here, and `etpo.proximal` a pass of
-the frozen pi_k: the default step runs both, without gradients, in the first epoch only (neither
-changes during train@k, so `FrozenLogits` keeps them for the others).
+the frozen pi_k. Neither changes during train@k, so the default step (`return`) builds its target
+from them once per action, in the first epoch, and `FrozenLogits` keeps it for the others.
+The KL and its gradient run chunk by chunk over the valid positions (`projection`).
 The epochs, minibatches and optimisers are `pipeline.models.update`'s.
 """
 
