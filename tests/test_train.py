@@ -26,6 +26,7 @@ from pipeline.models.logits import (
     PROMPT_SLACK,
     ActionBatch,
     FrozenLogits,
+    _similar_lengths,
     action_hidden,
     action_logits,
     action_logits_and_hidden,
@@ -328,6 +329,9 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     completions = [[31, 32], [41, 42, 43, 44, 45], [51], [81, 82, 83], [61, 62, 63]]
     batch = ActionBatch.build(prompts, completions)
     assert batch.prompts.shape[0] == 3  # the shared prompt goes through the model once
+    # in parts of similar completion length: the shared prompt's 1-token sample goes apart (a
+    # third part), the 2- and 3-token ones with the close prompt's
+    assert _similar_lengths(batch) == [[1], [2], [0, 3, 4]]
     assert length_batches([6, 2, 5], 3, PROMPT_SLACK) == [[1], [2, 0]]
     assert length_batches([6, 2, 5, 5], 4, PROMPT_SLACK, weights=[1, 1, 4, 1]) == [[1], [2], [3, 0]]
     generator = torch.Generator().manual_seed(1)
@@ -541,11 +545,25 @@ def test_frozen_logits_are_kept_per_action_whatever_the_minibatch(tiny_base):
     assert torch.allclose(got[mask], frozen(model, batch, "policy")[mask], atol=1e-5)
 
 
+def test_kept_values_tell_apart_actions_with_the_same_tokens_and_other_constants():
+    """Two samples of one state with the same tokens but other stored advantages: each is kept
+    under its own constants, and a later minibatch reads each its own, in its own order."""
+    frozen = FrozenLogits(64.0)
+    values = torch.arange(12.0).view(2, 2, 3)  # (B, T, V): per action, per token
+    got = frozen.keep(
+        "return", ActionBatch.build([[1, 2]] * 2, [[3, 4]] * 2), lambda: (values,), [(0.5,), (-0.5,)]
+    )
+    assert torch.equal(got[0], values.view(4, 3)) and len(frozen.kept) == 2
+    swapped = ActionBatch.build([[1, 2]] * 2, [[3, 4]] * 2)
+    again = frozen.keep("return", swapped, lambda: (torch.zeros(2, 2, 3),), [(-0.5,), (0.5,)])
+    assert torch.equal(again[0], values.flip(0).reshape(4, 3))  # kept, each its own
+
+
 def test_the_update_with_kept_logits_follows_the_one_that_recomputes_them(tiny_base):
     """The default ETPO step (return, proximal, importance) over 3 epochs of shuffled minibatches:
-    with rho's and pi_k's logits kept from the first epoch, the logged losses and the adapters
-    equal those of recomputing them every epoch, to float tolerance (the passes differ only in
-    which actions share them)."""
+    with its target (from rho and pi_k) kept from the first epoch, the logged losses and the
+    adapters equal those of recomputing it every epoch, to float tolerance (the passes differ only
+    in which actions share them)."""
     _, tokenizer = load_base(tiny_base)
     results = {}
     for budget in (4096.0, 0.0):

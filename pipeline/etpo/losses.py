@@ -260,13 +260,18 @@ def projection(
         KL = sum_w pi(w) [log pi(w) - log pi_T(w)] + log Z,   grad_z KL = pi (r - E_pi[r]),
         r = log pi - log pi_T
 
-    The gradient of the normaliser term, grad sum_w pi(w), is 0 since pi sums to 1, and a constant
-    log Z shifts r by its mean only: the gradient is exactly 0 where pi == pi_T (instead of rounding
-    noise Adam would amplify). Computed a cache-sized chunk of positions at a time, the positions
-    past each action skipped: autograd of the same formula holds ~10 (B, T, V) temporaries, and
-    the elementwise passes over them, not the matrix products, were half the policy step's time
-    (docs/design.md §6).
+    The gradient of the normaliser term, grad sum_w pi(w), is 0 since pi sums to 1, and log Z,
+    a constant, has none: where log pi == log_target bit for bit (an untrained policy, a zero tilt)
+    the gradient is exactly 0, not rounding noise Adam would amplify. Computed a cache-sized chunk
+    of positions at a time, the positions past each action skipped: autograd of the same formula
+    holds ~10 (B, T, V) temporaries, and the elementwise passes over them cost more than the LM
+    head's matrix products (docs/design.md §6, bench/RESULTS.md).
     """
+    if z_pi.shape[:-1] != valid.shape:
+        raise ValueError(
+            f"projection: logits {tuple(z_pi.shape)} do not match the positions {tuple(valid.shape)}"
+        )
+    z_pi = z_pi if z_pi.dtype in (torch.float32, torch.float64) else z_pi.float()  # bf16 logits: fp32 maths
     return _Projection.apply(z_pi, log_target.detach(), log_z.detach(), valid)
 
 

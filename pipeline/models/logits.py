@@ -5,10 +5,11 @@ so one helper switches adapters and slices the positions that predict the comple
 
 Actions are grouped by prompt (the samples of one state share it): each distinct prompt goes
 through the model once, and its samples continue from that prefix's key/value cache, gathered over
-them with gradients flowing back through it (docs/design.md §6). A minibatch takes two passes: its
-distinct prompts, left-padded, then all completions, right-padded, each attending to its prompt's
-cache. Attention masks keep padding invisible and position ids count real tokens only, so every
-valid position sees exactly its own sequence.
+them with gradients flowing back through it (docs/design.md §6). A minibatch goes in parts of
+similar prompt and completion length, each part in two passes: its distinct prompts, left-padded,
+then its completions, right-padded, each attending to its prompt's cache. Attention masks keep
+padding invisible and position ids count real tokens only, so every valid position sees exactly
+its own sequence.
 """
 
 from __future__ import annotations
@@ -146,14 +147,14 @@ class FrozenLogits:
     once per action and reused in later epochs instead of a pass per epoch (docs/design.md §6):
     their logits, or a target built from them (`keep`).
 
-    An action's values depend only on its tokens (and per-action constants), so they are kept by
-    (name, prompt, completion), whatever minibatch the action lands in next. At most `budget_mb`
-    MiB are kept (an action's logits cost its length x vocabulary x 4 bytes); a minibatch with an
-    action not kept is computed again whole. One instance serves one train stage: pi_k is that
-    stage's. The passes run in eval mode (no dropout), so a kept tensor is what a recomputation
-    gives, to float rounding. Under a multi-process launch each process keeps its own (the budget
-    is per process, on its device), and shards change with each epoch's shuffle, so there the
-    saving is small.
+    An action's values depend only on its tokens (and, for a target, per-action constants), so they
+    are kept by (name, prompt, completion[, constants]), whatever minibatch the action lands in
+    next. At most `budget_mb` MiB are kept (an action's logits cost its length x vocabulary x 4
+    bytes); a minibatch with an action not kept is computed again whole. One instance serves one
+    train stage: pi_k is that stage's. The passes run in eval mode (no dropout), so a kept tensor
+    is what a recomputation gives, to float rounding. Under a multi-process launch each process
+    keeps its own (the budget is per process, on its device), and shards change with each epoch's
+    shuffle, so there the saving is small.
     """
 
     def __init__(self, budget_mb: float) -> None:
@@ -169,12 +170,19 @@ class FrozenLogits:
         return out
 
     def keep(
-        self, name: str | None, batch: ActionBatch, compute: Callable[[], tuple[Tensor, ...]]
+        self,
+        name: str | None,
+        batch: ActionBatch,
+        compute: Callable[[], tuple[Tensor, ...]],
+        constants: list[tuple] | None = None,
     ) -> tuple[Tensor, ...]:
         """`compute()`'s (B, T, ...) tensors at the batch's valid positions, (N, ...) each in row-major
         order, from what was kept under `name` for every action, or computed (and kept if there is
-        room)."""
-        keys = [(name, *action) for action in _actions(batch)]
+        room). `constants`, one tuple per action, names what else `compute` reads of it (a target's
+        stored advantages): two samples of one state with the same tokens but other values (another
+        outcome, a replayed iteration) are kept apart."""
+        constants = constants or [()] * len(batch.prompt_of)
+        keys = [(name, *action, *extra) for action, extra in zip(_actions(batch), constants, strict=True)]
         if all(key in self.kept for key in keys):
             return tuple(torch.cat(parts) for parts in zip(*(self.kept[key] for key in keys), strict=True))
         values = compute()
@@ -231,9 +239,8 @@ def _forward(
     with reference(model) if adapter is None else nullcontext():
         outputs = [_two_passes(model, part, hidden) for part, _ in parts]
     if len(parts) == 1:
-        return outputs[0][0].float(), outputs[0][
-            1
-        ].float()  # the maths runs in fp32 whatever `model.precision`
+        logits, states = outputs[0]
+        return logits.float(), states.float()  # the maths runs in fp32 whatever `model.precision`
     B, T = batch.taken.shape
     logits = outputs[0][0].new_zeros((B, T, outputs[0][0].shape[-1]), dtype=torch.float32)
     states = outputs[0][1].new_zeros((B, T, outputs[0][1].shape[-1]), dtype=torch.float32) if hidden else None
