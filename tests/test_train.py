@@ -329,9 +329,7 @@ def test_shared_prompts_give_each_sequence_own_logits_and_gradients(tiny_base, a
     completions = [[31, 32], [41, 42, 43, 44, 45], [51], [81, 82, 83], [61, 62, 63]]
     batch = ActionBatch.build(prompts, completions)
     assert batch.prompts.shape[0] == 3  # the shared prompt goes through the model once
-    # in parts of similar completion length: the shared prompt's 1-token sample goes apart (a
-    # third part), the 2- and 3-token ones with the close prompt's
-    assert _similar_lengths(batch) == [[1], [2], [0, 3, 4]]
+    assert _similar_lengths(batch) == [[1], [0, 2, 3, 4]]  # rows by prompt length, in batch order
     assert length_batches([6, 2, 5], 3, PROMPT_SLACK) == [[1], [2, 0]]
     assert length_batches([6, 2, 5, 5], 4, PROMPT_SLACK, weights=[1, 1, 4, 1]) == [[1], [2], [3, 0]]
     generator = torch.Generator().manual_seed(1)

@@ -109,7 +109,8 @@ def etpo_update(
     step("critic", loss_q)
 
     if etpo.policy_target == "return":  # reads rho and pi_k only: fixed through train@k
-        constants = [(tuple(r["advantage"]), tuple(r["behaviour_logprobs"])) for r in mb.rows]
+        read = ["advantage"] + (["behaviour_logprobs"] if etpo.importance > 1 else [])
+        constants = [tuple(tuple(r[key]) for key in read) for r in mb.rows]  # what else the target reads
         log_target, log_z = frozen.keep("return", batch, lambda: return_target(model, mb, etpo), constants)
         z_pi = action_logits(model, batch, "policy")  # the last adapter switch before its backward
     else:

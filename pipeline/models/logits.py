@@ -6,8 +6,8 @@ so one helper switches adapters and slices the positions that predict the comple
 Actions are grouped by prompt (the samples of one state share it): each distinct prompt goes
 through the model once, and its samples continue from that prefix's key/value cache, gathered over
 them with gradients flowing back through it (docs/design.md §6). A minibatch goes in parts of
-similar prompt and completion length, each part in two passes: its distinct prompts, left-padded,
-then its completions, right-padded, each attending to its prompt's cache. Attention masks keep
+similar prompt length, each part in two passes: its distinct prompts, left-padded, then its
+completions, right-padded, each attending to its prompt's cache. Attention masks keep
 padding invisible and position ids count real tokens only, so every valid position sees exactly
 its own sequence.
 """
@@ -221,7 +221,6 @@ def _actions(batch: ActionBatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]
 # old name is still accepted there (deprecated), but older versions know only the old one.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 PROMPT_SLACK = 1.25  # prompts up to 1.25x apart share a pass: at most 20% of its prompt tokens pad
-COMPLETION_SLACK = 1.5  # completions up to 1.5x apart: fewest tokens processed on real minibatches (RESULTS)
 ACTIONS_PER_PASS = 16  # actions at once outside training (targets, eval's KL): 16 x T x V logits
 
 
@@ -230,8 +229,8 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     """(B, T, V) fp32 logits and, if `hidden`, (B, T, H) last hidden states (else an empty tensor).
 
-    The actions go in parts of similar prompt and completion length (`length_batches`), so that
-    little compute goes to padding; each part takes two passes (`_two_passes`).
+    The actions go in parts of similar prompt length (`_similar_lengths`), so that little compute
+    goes to padding; each part takes two passes (`_two_passes`).
     """
     if adapter is not None:
         model.set_adapter(adapter)
@@ -252,22 +251,16 @@ def _forward(
 
 
 def _similar_lengths(batch: ActionBatch) -> list[list[int]]:
-    """The batch's actions in parts: distinct prompts of similar length, then, within those, actions
-    of similar completion length, each part's rows in batch order (one part: the batch itself). A
-    part pads its completions to its longest: a minibatch of 16 samples whose completions run from
-    30 to 160 tokens would spend ~40% of the completion tokens it processes on padding, in every
-    pass and every (B, T, V) tensor; a state whose samples are cut into several parts runs its
-    prompt once per part (docs/design.md §6)."""
-    prompt_lengths = batch.prompt_mask.sum(1).tolist()
-    completion_lengths = batch.mask.sum(1).long().tolist()
+    """The batch's actions in parts whose distinct prompts have similar length, each part's rows in
+    batch order (one part: the batch itself). Cutting them further by completion length (each part
+    pads its completions to its longest) ran first tries of 16 samples 1.18x faster but minibatches
+    of reflections, one state each, 1.33x slower (more, smaller passes; bench/RESULTS.md), and the
+    policy's projection skips the padded positions anyway (`pipeline.etpo.losses.projection`)."""
+    lengths = batch.prompt_mask.sum(1).tolist()
     parts = []
-    for prompts in length_batches(prompt_lengths, len(prompt_lengths), PROMPT_SLACK):
+    for prompts in length_batches(lengths, len(lengths), PROMPT_SLACK):
         rows = torch.isin(batch.prompt_of, torch.tensor(prompts, device=batch.prompt_of.device))
-        rows = rows.nonzero().squeeze(1).tolist()
-        lengths = [completion_lengths[r] for r in rows]
-        parts += [
-            sorted(rows[i] for i in part) for part in length_batches(lengths, len(lengths), COMPLETION_SLACK)
-        ]
+        parts.append(rows.nonzero().squeeze(1).tolist())
     return parts
 
 
