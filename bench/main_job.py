@@ -29,6 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE = re.compile(r"Running stage '([^']+)'")
 
 
+# `etpo` for any revision's tree (on PYTHONPATH): `pipeline.__main__` (tcmalloc first) where it has
+# one, else `pipeline.cli` (revisions before 2026-12-04). This venv's own `etpo` imports the former.
+ENTRY = (
+    'import sys\nsys.argv[0] = "etpo"\n'
+    "try:\n    from pipeline.__main__ import main\n"
+    "except ImportError:\n    from pipeline.cli import app as main\n"
+    "main()"
+)
+
+
+def etpo_command(folder: Path) -> Path:
+    """Write an `etpo` executable to `folder` that runs the CLI of the tree PYTHONPATH points at."""
+    script = folder / "etpo"
+    script.write_text(f"#!/bin/sh\nexec '{sys.executable}' -c '{ENTRY}' \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
 def set_params(path: Path, changes: list[str]) -> None:
     params = yaml.safe_load(path.read_text())
     for change in changes:
@@ -49,7 +67,9 @@ def profile(rev: str, changes: list[str], log: Path, keep: Path | None) -> dict[
         subprocess.run(["git", "-C", str(clone), "checkout", "-q", rev], check=True)
         if changes:
             set_params(clone / "params.yaml", changes)
-        env = {**os.environ, "PYTHONPATH": str(clone), "PYTHONUNBUFFERED": "1"}  # lines as they happen
+        path = f"{etpo_command(Path(tmp)).parent}:{os.environ['PATH']}"  # dvc.yaml's `etpo`, any revision
+        # unbuffered: DVC's lines as they come
+        env = {**os.environ, "PATH": path, "PYTHONPATH": str(clone), "PYTHONUNBUFFERED": "1"}
         times: dict[str, float] = {}
         current, began = None, time.perf_counter()
         with log.open("w") as out:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from main_job import set_params  # bench/, this script's folder
+from main_job import etpo_command, set_params  # bench/, this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     stages = args.stages.split(",")
-    etpo = str(Path(sys.executable).parent / "etpo")
     times: dict[tuple[str, str], list[float]] = {}
     peak_mb: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        etpo = str(etpo_command(Path(tmp)))  # each revision's own CLI
         trees = {}
         for rev in args.revs:
             trees[rev] = Path(tmp) / rev
