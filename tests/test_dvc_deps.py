@@ -5,6 +5,8 @@ at module level), the subcommand's function and every module of `pipeline/` thos
 transitively (imports inside functions included). Each of those files must be covered by a dep
 of the stage (the file itself or a folder above it), or a code change would leave DVC's cache
 stale; and each `pipeline/` dep must cover something the stage runs, or it reruns for nothing.
+`etpo` runs `pipeline/__main__.py` and `allocator.py` first: they pick the malloc, which changes
+speed, not outputs, so they are not deps (a change there reruns nothing).
 """
 
 from __future__ import annotations
