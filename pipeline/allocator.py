@@ -2,7 +2,7 @@
 
 glibc's malloc hands every block over 32 MiB (a (tokens, vocabulary) fp32 tensor is ~200 MiB) to
 mmap and back to the kernel when freed, so each fresh large tensor pays its page faults again;
-tcmalloc keeps freed memory for the next allocation. On this project's train stage that was 1.5-1.8x
+tcmalloc keeps freed memory for the next allocation. On this project's train stage that was 1.1-1.8x
 (bench/RESULTS.md). A process cannot swap its allocator once running: `etpo` re-executes itself once
 with the library in LD_PRELOAD, before any heavy import. `ETPO_ALLOCATOR=system` keeps glibc's.
 """
