@@ -1,7 +1,7 @@
 """Data parallelism: the update stages shard every minibatch, the sample stage its prompts.
 
 Launch the train or sample stage as usual, or data-parallel with
-    accelerate launch --multi_gpu --num_processes 2 -m pipeline.cli train ...   (or torchrun)
+    accelerate launch --multi_gpu --num_processes 2 -m pipeline train ...   (or torchrun)
 (on a CPU too: accelerate's `--cpu` flag starts a single process unless MPI is configured).
 
 Why not DDP (`accelerator.prepare(model)`): one backbone carries the policy, critic and target

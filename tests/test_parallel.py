@@ -59,7 +59,7 @@ def launch_two(command: list[str]) -> subprocess.CompletedProcess:
     launch += ["--main_process_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [*launch, "-m", "pipeline.cli", *map(str, command)],
+        [*launch, "-m", "pipeline", *map(str, command)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
